@@ -1,0 +1,66 @@
+"""The small interface the guidance loop talks to; MAISI-v2 (GPU) and the CPU demo flow both implement it.
+
+Tensors are channel-first with spatial axes in this project's order, ``(B, C, z, y, x)``; a model whose networks
+expect another layout converts inside its own methods. Time follows ``tfg_core.flow.schedule`` (MONAI's
+``RFlowScheduler``): ``t`` in [0, 1000], 0 = data, 1000 = noise, ``v = x0 - eps``.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Sequence
+
+import torch
+
+
+class FlowModel(abc.ABC):
+    """A latent rectified-flow model: an encoder/decoder pair, a velocity field and its sampling time grid."""
+
+    #: length of the time axis that ``velocity`` and the grid are expressed in
+    num_train_timesteps: int = 1000
+
+    @abc.abstractmethod
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Image ``(B, C_img, z, y, x)`` in model intensity units -> latent at ``t = 0``.
+
+        Deterministic (posterior mean), already multiplied by the model's latent scale factor.
+
+        Args:
+            x: image batch.
+        """
+
+    @abc.abstractmethod
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Latent ``(B, C_lat, z', y', x')`` -> image (undoes the scale factor first). Differentiable.
+
+        Args:
+            z: latent batch (typically a clean estimate).
+        """
+
+    @abc.abstractmethod
+    def velocity(self, z: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+        """Predicted velocity ``v = x0 - eps`` at latent ``z`` and time ``t``; same shape as ``z``.
+
+        Args:
+            z: latent batch at time ``t``.
+            t: time in [0, num_train_timesteps]: a scalar (0-dim tensor or float) or one value per batch item.
+        """
+
+    @abc.abstractmethod
+    def timesteps(self, num_steps: int, latent_shape: Sequence[int] | None = None) -> torch.Tensor:
+        """Descending 1D float sampling grid (see ``tfg_core.flow.schedule.rflow_timesteps``).
+
+        Args:
+            num_steps: number of sampling steps.
+            latent_shape: shape of the latent being sampled (its last three entries are spatial); models whose
+                grid depends on the latent size (MAISI-v2) require it.
+        """
+
+    @abc.abstractmethod
+    def latent_shape(self, image_shape: Sequence[int]) -> tuple[int, ...]:
+        """Latent shape for an image shape: spatial ``(z, y, x)`` -> ``(C_lat, z', y', x')``;
+        ``(B, C_img, z, y, x)`` -> ``(B, C_lat, z', y', x')``.
+
+        Args:
+            image_shape: the image's shape.
+        """
