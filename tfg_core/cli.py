@@ -1,0 +1,98 @@
+"""The ``tfg`` command: thin argument parsing over functions that live elsewhere in ``tfg_core``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from tfg_core.errors import TfgError
+
+
+def _phantom(args: argparse.Namespace) -> None:
+    from tfg_core.data.phantom import PhantomConfig, write_cohort
+
+    config = PhantomConfig(shape=tuple(args.shape), n_cases=args.cases, seed=args.seed)
+    root = write_cohort(args.out, config, progress=not args.quiet)
+    print(f"phantom cohort: {config.n_cases} cases, shape {config.shape}, spacing {config.voxel_spacing} mm → {root}")
+
+
+def _manifest(args: argparse.Namespace) -> None:
+    from tfg_core.data.luna16 import build_manifest
+
+    table = build_manifest(args.root, out_csv=args.out, progress=not args.quiet)
+    print(f"{len(table)} scans in {table['subset'].nunique()} subsets → {args.out}")
+
+
+def _finetune(args: argparse.Namespace) -> None:
+    from tfg_core.training.run import finetune_fold
+
+    result = finetune_fold(root=args.root, fold=args.fold, backbone=args.backbone, out=args.out,
+                           iterations=args.iterations, batch_size=args.batch_size, lr=args.lr,
+                           eval_every=args.eval_every, seed=args.seed, device=args.device,
+                           pretrained_path=args.pretrained, progress=not args.quiet)
+    best = result["best"]
+    print(f"best validation F1 {best['f1']:.3f} at iteration {best['iteration']} "
+          f"({result['seconds']:.0f} s, {result['iterations_per_second']:.1f} it/s) → {result['checkpoint']}")
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from tfg_core.demo import run_demo
+
+    run_demo(out=args.out, fold=args.fold, progress=not args.quiet)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tfg", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="run the pipeline on the embedded phantom cohort (CPU, no downloads)")
+    p.add_argument("--out", type=Path, default=Path("outputs/demo"), help="output folder")
+    p.add_argument("--fold", type=int, default=0, help="held-out LUNA16-style fold (0-9)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_demo)
+
+    p = sub.add_parser("phantom", help="write the phantom cohort as a LUNA16-shaped tree")
+    p.add_argument("--out", type=Path, default=Path("outputs/phantom"))
+    p.add_argument("--cases", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shape", type=int, nargs=3, default=(32, 64, 64), metavar=("Z", "Y", "X"))
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_phantom)
+
+    p = sub.add_parser("manifest", help="build the manifest of a LUNA16 tree (subset0..9/*.mhd)")
+    p.add_argument("root", type=Path)
+    p.add_argument("--out", type=Path, default=Path("data_manifest/luna16_manifest.csv"))
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_manifest)
+
+    p = sub.add_parser("finetune", help="fine-tune a 2.5D predictor on one fold's slice labels")
+    p.add_argument("--root", type=Path, default=Path("outputs/phantom"), help="LUNA16-shaped root")
+    p.add_argument("--fold", type=int, default=0)
+    p.add_argument("--backbone", choices=["tiny", "tinyvit", "resnet50"], default="tiny")
+    p.add_argument("--out", type=Path, default=None, help="checkpoint path (default runs/finetune/<backbone>_fold<k>.pt)")
+    p.add_argument("--iterations", type=int, default=10_000)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--pretrained", default=None, help="backbone weights (LiteMedSAM / RadImageNet)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_finetune)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except TfgError as exc:  # our errors already name the file and the problem: no traceback needed
+        print(f"tfg {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
