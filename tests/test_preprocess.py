@@ -112,3 +112,22 @@ def test_fold_split_follows_luna16_subsets():
     assert len(split.train) == 24 and not set(split.train) & (set(split.val) | set(split.test))
     with pytest.raises(ValueError):
         fold_split(manifest, 10)
+
+
+def test_flipped_scan_is_reoriented_for_the_model_and_back():
+    """A LUNA16-style flipped scan: the model sees LPS anatomy; results return to the stored orientation."""
+    from tfg_core.data.preprocess import orientation_code, reorient
+
+    arr = np.full((8, 40, 48), -850, np.int16)
+    arr[3:5, 5:9, 30:36] = 40  # a blob in stored index space
+    flipped = Volume(arr, spacing=(2.5, 0.8, 0.7), origin=(100.0, 80.0, -200.0), direction=np.diag([-1.0, -1.0, 1.0]))
+    assert orientation_code(flipped) == "RAS"
+    canonical = reorient(flipped)
+    assert orientation_code(canonical) == "LPS" and canonical.shape == flipped.shape
+    blob_world = flipped.voxel_to_world(np.argwhere(arr > 0).mean(axis=0))
+    np.testing.assert_allclose(canonical.voxel_to_world(np.argwhere(canonical.array > 0).mean(axis=0)), blob_world)
+    np.testing.assert_array_equal(canonical.array, arr[:, ::-1, ::-1])
+    grid = to_model_grid(flipped, shape=(32, 64, 64))
+    back = to_scan_grid((grid.array > 0.45).astype(np.uint8), flipped, mode="nearest")
+    assert back.shape == flipped.shape
+    np.testing.assert_allclose(np.argwhere(back > 0).mean(axis=0), np.argwhere(arr > 0).mean(axis=0), atol=0.6)

@@ -3,7 +3,11 @@
 - MAISI's intensity convention: HU clipped to [-1000, 1000] and mapped linearly to [0, 1].
 - The flow works on a grid whose every dimension is a multiple of 32 (MAISI's VAE downsamples ×4 and
   its UNet ×8 more); resizing keeps the physical extent, so the spacing changes by old/new shape.
-- Results go back to the scan's own grid with the inverse resize, so masks keep the original geometry.
+- Before resizing, the array is reoriented to LPS (identity direction: +x to the patient's left, +y posterior,
+  +z superior), so every model sees anatomy the same way round, whatever the scanner stored (LUNA16 has
+  scans stored flipped, ``TransformMatrix = -1 0 0 0 -1 0 0 0 1``). MAISI's networks expect this layout.
+- Results go back to the scan's own grid with the inverse resize and orientation, so masks keep the
+  original geometry.
 """
 
 from __future__ import annotations
@@ -53,6 +57,35 @@ def check_finite(volume: Volume) -> Volume:
         if bad:
             raise DataError(volume.source or volume.uid, f"{bad} voxels are NaN or inf")
     return volume
+
+
+CANONICAL_ORIENTATION = "LPS"
+
+
+def orientation_code(volume: Volume) -> str:
+    """Three-letter DICOM orientation of the volume's index axes (i, j, k), e.g. ``"LPS"`` or ``"RAS"``.
+
+    Args:
+        volume: any volume.
+    """
+    import SimpleITK as sitk
+
+    return sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(tuple(volume.direction.ravel()))
+
+
+def reorient(volume: Volume, code: str = CANONICAL_ORIENTATION) -> Volume:
+    """Permute/flip the array so its index axes point along ``code``; the world geometry is unchanged.
+
+    Args:
+        volume: the volume to reorient.
+        code: target orientation (SimpleITK's ``DICOMOrient`` convention).
+    """
+    import SimpleITK as sitk
+
+    if orientation_code(volume) == code:
+        return volume
+    image = sitk.DICOMOrient(volume.to_sitk(), code)
+    return Volume.from_sitk(image, uid=volume.uid, source=volume.source, **volume.meta)
 
 
 def model_grid_shape(shape: Sequence[int], multiple: int = GRID_MULTIPLE) -> tuple[int, int, int]:
@@ -106,6 +139,7 @@ def to_model_grid(volume: Volume, multiple: int = GRID_MULTIPLE, shape: Sequence
         shape: explicit target grid; defaults to :func:`model_grid_shape`.
     """
     check_finite(volume)
+    volume = reorient(volume)
     target = tuple(shape) if shape is not None else model_grid_shape(volume.shape, multiple)
     if any(t % multiple for t in target):
         raise DataError(volume.source or volume.uid, f"model grid {target} is not a multiple of {multiple}")
@@ -113,15 +147,34 @@ def to_model_grid(volume: Volume, multiple: int = GRID_MULTIPLE, shape: Sequence
     return unit if unit.shape == target else resize_volume(unit, target)
 
 
-def to_scan_grid(array: np.ndarray, scan: Volume, mode: str = "trilinear") -> np.ndarray:
-    """Resize a model-grid array (e.g. a difference map or mask) back to the scan's voxel grid.
+def mask_to_model_grid(mask: np.ndarray, scan: Volume, grid: Volume) -> np.ndarray:
+    """A label mask on the scan's grid → the model grid of ``grid`` (same reorientation, nearest resize).
 
     Args:
-        array: (z, y, x) array on the model grid.
-        scan: the original volume whose shape is the target.
+        mask: (z, y, x) labels on the scan's voxel grid.
+        scan: the scan the mask belongs to.
+        grid: the scan's :func:`to_model_grid` output.
+    """
+    labels = reorient(scan.with_array(np.asarray(mask).astype(np.uint8)))
+    if labels.shape != grid.shape:
+        labels = resize_volume(labels, grid.shape, mode="nearest")
+    return labels.array
+
+
+def to_scan_grid(array: np.ndarray, scan: Volume, mode: str = "trilinear") -> np.ndarray:
+    """Bring a model-grid array (e.g. a difference map or mask) back to the scan's voxel grid and orientation.
+
+    Args:
+        array: (z, y, x) array on the model grid (canonical orientation, see :func:`to_model_grid`).
+        scan: the original volume whose grid is the target.
         mode: ``"trilinear"`` for maps, ``"nearest"`` for masks.
     """
-    if tuple(array.shape) == scan.shape:
-        return array
-    tmp = Volume(array=array, spacing=(1.0, 1.0, 1.0))
-    return resize_volume(tmp, scan.shape, mode=mode, anti_aliasing=False).array
+    code = orientation_code(scan)
+    # the scan's geometry in canonical orientation (a uint8 placeholder: only the geometry is used)
+    canonical = reorient(scan.with_array(np.zeros(scan.shape, np.uint8)))
+    out = canonical.with_array(np.asarray(array))
+    if out.shape != canonical.shape:
+        out = resize_volume(Volume(array=np.asarray(array), spacing=(1.0, 1.0, 1.0)), canonical.shape,
+                            mode=mode, anti_aliasing=False)
+        out = canonical.with_array(out.array)
+    return reorient(out, code).array
