@@ -115,8 +115,10 @@ def resize_volume(
     shape = tuple(int(s) for s in shape)
     if len(shape) != 3 or min(shape) < 1:
         raise DataError(volume.source or volume.uid, f"cannot resize to {shape}")
-    is_label = mode == "nearest"
-    resize = Resize(spatial_size=shape, mode=mode, anti_aliasing=anti_aliasing and not is_label)
+    is_label = mode in ("nearest", "nearest-exact")
+    # torch's "nearest" floors (a half-voxel shift on up/down sampling); "nearest-exact" is centre-aligned
+    resize = Resize(spatial_size=shape, mode="nearest-exact" if is_label else mode,
+                    anti_aliasing=anti_aliasing and not is_label)
     data = torch.as_tensor(np.asarray(volume.array, dtype=np.float32))[None]
     out = resize(data)
     out = np.asarray(out.as_tensor() if hasattr(out, "as_tensor") else out)[0]

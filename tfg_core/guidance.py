@@ -1,0 +1,393 @@
+"""Training-free guidance of a rectified flow by a 2.5D slice classifier (the paper's Algorithm 1), as a generator.
+
+    encode x -> z(0)  ->  invert (backward Euler) to t = grid[start_index]
+    guided steps (the first ``guided_steps`` sampling steps), each:
+        v = velocity(z, t) [no grad]  ->  z0_hat = z + v t/1000  ->  decode  ->  2.5D stacks of the positive slices
+        -> classifier logits -> loss towards "no nodule"  ->  z <- z - strength * d loss / d z0_hat
+        -> Euler step with the same v
+    free steps (the rest, unguided)  ->  decode: the counterfactual
+
+With gradient skipping (FlowChef) nothing is differentiated through the velocity network: ``d z0_hat / d z`` is taken
+as the identity, so the update uses the gradient w.r.t. the clean estimate. ``gradient_skipping=False``
+differentiates through the network as well. The loss is the paper's BCE towards label 0 (``softplus(logit)``) or
+the raw logit; BCE's gradient is ``sigmoid(logit)`` times the logit's, so it fades once a slice looks negative.
+
+``guide`` yields a ``GuidanceStep`` per step (for notebooks and tests); ``run_guidance`` runs it to the end and adds
+the unguided reference, which starts from the same inverted latent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Iterator, NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from tfg_core.data.slices import make_stacks
+from tfg_core.flow.base import FlowModel
+from tfg_core.flow.schedule import clean_estimate, euler_step, invert, run_to_end, sample, sampling_steps
+from tfg_core.predictors.heads import Predictor
+
+PHASES = ("encode", "invert", "guided", "free", "final")
+
+
+@dataclass(frozen=True)
+class GuidanceConfig:
+    """Every parameter of the guidance loop, with the paper's defaults.
+
+    Args:
+        num_steps: sampling steps of the flow's time grid (MAISI-v2: 30).
+        start_index: sampling step at which sampling restarts after inversion (15 of 30: invert half way).
+        guided_steps: how many of the remaining steps are guided (5); the rest run unguided.
+        strength: step size ``eta`` of ``z <- z - eta * grad`` (1.0).
+        inner_iterations: gradient updates per guided step before its Euler step (1). With gradient skipping the
+            step's velocity is computed once and held fixed; with full backprop it is recomputed at every update.
+            The Euler step uses the last velocity computed.
+        gradient_skipping: True: gradient w.r.t. the clean estimate, no backprop through the velocity network
+            (FlowChef); False: differentiate through it too.
+        positives: which slices the loss covers: ``"fixed"`` = predicted positive on the input,
+            ``"recomputed"`` = predicted positive on the current clean estimate at every update.
+        loss: ``"bce"`` (BCE towards 0, the paper) or ``"logit"`` (the raw logit, which does not saturate).
+        reduction: ``"mean"`` or ``"sum"`` of the per-slice losses.
+        positive_threshold: a slice is positive when ``sigmoid(logit) >= positive_threshold``.
+        slice_batch: stacks per predictor call (memory).
+        decode_free_steps: also decode the clean estimate of free steps for the trajectory (costs a decode each).
+    """
+
+    num_steps: int = 30
+    start_index: int = 15
+    guided_steps: int = 5
+    strength: float = 1.0
+    inner_iterations: int = 1
+    gradient_skipping: bool = True
+    positives: str = "fixed"
+    loss: str = "bce"
+    reduction: str = "mean"
+    positive_threshold: float = 0.5
+    slice_batch: int = 16
+    decode_free_steps: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.start_index <= self.num_steps:
+            raise ValueError(f"start_index must be in [0, num_steps={self.num_steps}], got {self.start_index}")
+        if not 0 <= self.guided_steps <= self.num_steps - self.start_index:
+            raise ValueError(
+                f"guided_steps must be in [0, {self.num_steps - self.start_index}] (the steps left after "
+                f"start_index={self.start_index} of {self.num_steps}), got {self.guided_steps}"
+            )
+        for name, allowed in (("positives", ("fixed", "recomputed")), ("loss", ("bce", "logit")),
+                              ("reduction", ("mean", "sum"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.inner_iterations < 1 or self.slice_batch < 1:
+            raise ValueError("inner_iterations and slice_batch must be >= 1")
+        if not 0.0 <= self.positive_threshold <= 1.0:
+            raise ValueError(f"positive_threshold is a probability, got {self.positive_threshold}")
+
+
+@dataclass
+class GuidanceStep:
+    """The state after one step of the loop.
+
+    Args:
+        phase: ``"encode"`` (the input's latent and its positive slices), ``"invert"``, ``"guided"``, ``"free"``,
+            or ``"final"`` (``x_hat`` is the decoded counterfactual).
+        step: sampling step index ``i`` (``grid[i] -> grid[i+1]``; for inversion the step being undone);
+            None for encode/final.
+        t_prev: time the step started from: where the clean estimate, loss and positives were evaluated.
+        t: time of ``z``.
+        z: latent after the step (detached, on the CPU).
+        x_hat: decoded clean estimate at ``t_prev`` before the update, ``(z, y, x)``, or None when not decoded.
+        losses: loss of every inner iteration (empty when no update was made).
+        grad_norms: L2 norm of the latent gradient of every inner iteration.
+        positives: slices the loss covered (first inner iteration); on encode, the input's positive slices.
+        probabilities: classifier probability of each of those slices on ``x_hat`` (on the input for encode).
+    """
+
+    phase: str
+    step: int | None
+    t_prev: float
+    t: float
+    z: torch.Tensor
+    x_hat: torch.Tensor | None = None
+    losses: tuple[float, ...] = ()
+    grad_norms: tuple[float, ...] = ()
+    positives: tuple[int, ...] = ()
+    probabilities: tuple[float, ...] = ()
+
+    @property
+    def loss(self) -> float | None:
+        """Loss at the step's first inner iteration (None when the step made no update)."""
+        return self.losses[0] if self.losses else None
+
+    @property
+    def grad_norm(self) -> float | None:
+        """Gradient norm at the step's first inner iteration (None when the step made no update)."""
+        return self.grad_norms[0] if self.grad_norms else None
+
+    @property
+    def guided(self) -> bool:
+        """Whether the step changed the latent by guidance."""
+        return bool(self.losses)
+
+    def summary(self) -> dict[str, Any]:
+        """The step without tensors: one row of a trajectory table."""
+        return {
+            "phase": self.phase, "step": self.step, "t_prev": self.t_prev, "t": self.t, "loss": self.loss,
+            "grad_norm": self.grad_norm, "losses": list(self.losses), "grad_norms": list(self.grad_norms),
+            "n_positives": len(self.positives), "positives": list(self.positives),
+            "probabilities": list(self.probabilities),
+        }
+
+
+@dataclass
+class GuidanceResult:
+    """What ``run_guidance`` returns; every image is ``(z, y, x)`` on the model grid, on the CPU.
+
+    Args:
+        x_input: the input image.
+        x_counterfactual: the guided reconstruction.
+        x_reference: the unguided reconstruction from the same inverted latent (None when compared to the input).
+        difference: ``|x_counterfactual - x_reference|`` (or ``- x_input``).
+        compare_to: ``"reference"`` or ``"input"``.
+        input_positives: slices predicted positive on the input.
+        input_probabilities: their probabilities.
+        trajectory: ``GuidanceStep.summary()`` of every step.
+    """
+
+    x_input: torch.Tensor
+    x_counterfactual: torch.Tensor
+    x_reference: torch.Tensor | None
+    difference: torch.Tensor
+    compare_to: str
+    input_positives: tuple[int, ...]
+    input_probabilities: tuple[float, ...]
+    trajectory: list[dict[str, Any]] = field(default_factory=list)
+
+
+def slice_logits(
+    predictor: Predictor, image: torch.Tensor, slices: Sequence[int], slice_batch: int = 16
+) -> torch.Tensor:
+    """Classifier logits of the 2.5D stacks centred on ``slices`` of ``image`` ``(z, y, x)``, in batches.
+
+    Differentiable when ``image`` requires grad; the caller picks the grad mode.
+
+    Args:
+        predictor: slice classifier (in eval mode).
+        image: volume in [0, 1].
+        slices: centre slice indices.
+        slice_batch: stacks per call.
+    """
+    slices = list(slices)
+    if not slices:
+        return image.new_zeros(0)
+    chunks = [slices[i : i + slice_batch] for i in range(0, len(slices), slice_batch)]
+    stacks = (make_stacks(image, c, n_slices=predictor.in_slices, size=predictor.input_size) for c in chunks)
+    return torch.cat([predictor(s) for s in stacks])
+
+
+def positive_slices(
+    predictor: Predictor, image: torch.Tensor, threshold: float = 0.5, slice_batch: int = 16
+) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """Slices of ``image`` ``(z, y, x)`` with ``sigmoid(logit) >= threshold``, and their probabilities.
+
+    Args:
+        predictor: slice classifier (in eval mode).
+        image: volume in [0, 1].
+        threshold: probability at which a slice counts as positive.
+        slice_batch: stacks per call.
+    """
+    with torch.no_grad():
+        probs = torch.sigmoid(slice_logits(predictor, image.detach(), range(image.shape[0]), slice_batch))
+    keep = torch.nonzero(probs >= threshold).flatten().tolist()
+    return tuple(keep), tuple(probs[keep].tolist())
+
+
+def _loss_and_image_gradient(
+    predictor: Predictor, image: torch.Tensor, slices: Sequence[int], config: GuidanceConfig
+) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """Loss over ``slices``, its gradient w.r.t. ``image``, and the slices' logits.
+
+    Batch by batch, each batch's graph freed before the next: the predictor graph of every positive slice never
+    has to be held at once; the decoder is back-propagated once afterwards with the summed gradient.
+    """
+    leaf = image.detach().requires_grad_(True)
+    grad, total, logits_all = torch.zeros_like(leaf), 0.0, []
+    divisor = len(slices) if config.reduction == "mean" else 1
+    for i in range(0, len(slices), config.slice_batch):
+        logits = slice_logits(predictor, leaf, slices[i : i + config.slice_batch], config.slice_batch)
+        # BCE towards label 0 is softplus(logit); "logit" pushes the raw score down without saturating
+        per_slice = F.softplus(logits) if config.loss == "bce" else logits
+        loss = per_slice.sum() / divisor
+        grad += torch.autograd.grad(loss, leaf)[0]
+        total += float(loss.detach())
+        logits_all.append(logits.detach())
+    return total, grad, torch.cat(logits_all)
+
+
+def _frozen_velocity(flow: FlowModel, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The velocity as a constant: no graph, whatever the caller's grad mode."""
+    with torch.no_grad():
+        return flow.velocity(z, t)
+
+
+class _Update(NamedTuple):
+    z: torch.Tensor  # latent after the update (unchanged when there was nothing to guide)
+    v: torch.Tensor  # velocity used for the clean estimate (detached)
+    image: torch.Tensor  # decoded clean estimate before the update (detached)
+    positives: tuple[int, ...]
+    probabilities: tuple[float, ...]
+    loss: float | None  # None: no positive slice, no update
+    grad_norm: float | None
+
+
+def _update(
+    flow: FlowModel, predictor: Predictor, z: torch.Tensor, t: torch.Tensor, v: torch.Tensor | None,
+    positives: tuple[int, ...], cfg: GuidanceConfig,
+) -> _Update:
+    """One gradient update of the latent: clean estimate -> decode -> loss on the positive slices -> step."""
+    with torch.enable_grad():
+        if cfg.gradient_skipping:
+            # v is a constant: d z0_hat / d z = I, so the gradient w.r.t. z0_hat is the update direction
+            v = v if v is not None else _frozen_velocity(flow, z, t)
+            wrt = z_hat = clean_estimate(z, v, t).requires_grad_(True)
+        else:
+            wrt = z.detach().requires_grad_(True)
+            v = flow.velocity(wrt, t)
+            z_hat = clean_estimate(wrt, v, t)
+        image = flow.decode(z_hat)[0, 0]
+        if cfg.positives == "recomputed":
+            positives, _ = positive_slices(predictor, image, cfg.positive_threshold, cfg.slice_batch)
+        if not positives:  # nothing left to remove
+            return _Update(z, v.detach(), image.detach(), (), (), None, None)
+        loss, grad_image, logits = _loss_and_image_gradient(predictor, image, positives, cfg)
+        (grad,) = torch.autograd.grad(image, wrt, grad_outputs=grad_image)
+    probabilities = tuple(torch.sigmoid(logits).tolist())
+    z_new = z.detach() - cfg.strength * grad
+    return _Update(z_new, v.detach(), image.detach(), positives, probabilities, loss, float(grad.norm()))
+
+
+def _check_input(predictor: Predictor, x: torch.Tensor) -> torch.Tensor:
+    if x.ndim == 3:
+        x = x[None, None]
+    if x.ndim != 5 or x.shape[:2] != (1, 1):
+        raise ValueError(f"expected an image (z, y, x) or (1, 1, z, y, x), got shape {tuple(x.shape)}")
+    if not x.is_floating_point() or x.min() < -1e-3 or x.max() > 1 + 1e-3:
+        raise ValueError("expected a float image in MAISI's [0, 1] intensities (see preprocess.hu_to_unit)")
+    if predictor.training:
+        raise ValueError("the predictor is in training mode (batch statistics would change its output): call .eval()")
+    return x
+
+
+def guide(
+    flow: FlowModel,
+    predictor: Predictor,
+    x: torch.Tensor,
+    config: GuidanceConfig | None = None,
+    progress: bool = False,
+) -> Iterator[GuidanceStep]:
+    """Run the guidance loop step by step; the last state (phase ``"final"``) holds the counterfactual.
+
+    Args:
+        flow: the rectified-flow model (on the same device as ``x``).
+        predictor: slice classifier in eval mode; its ``in_slices`` and ``input_size`` shape the stacks.
+        x: image ``(z, y, x)`` or ``(1, 1, z, y, x)`` in [0, 1] on the flow's grid.
+        config: loop parameters (``GuidanceConfig()`` when None).
+        progress: show tqdm bars.
+
+    Yields:
+        ``GuidanceStep`` for encode, every inversion step, every guided and free step, and the final decode.
+    """
+    cfg = config if config is not None else GuidanceConfig()
+    x = _check_input(predictor, x)
+
+    velocity = partial(_frozen_velocity, flow)
+
+    with torch.no_grad():
+        z = flow.encode(x)
+    input_pos, input_probs = positive_slices(predictor, x[0, 0], cfg.positive_threshold, cfg.slice_batch)
+    yield GuidanceStep("encode", None, 0.0, 0.0, z.detach().cpu(), positives=input_pos, probabilities=input_probs)
+
+    grid = flow.timesteps(cfg.num_steps, latent_shape=tuple(z.shape))
+    t_prev = 0.0
+    for k, (t, z) in enumerate(invert(velocity, z, grid, cfg.start_index, progress=progress)):
+        yield GuidanceStep("invert", cfg.num_steps - 1 - k, t_prev, float(t), z.detach().cpu())
+        t_prev = float(t)
+
+    steps = sampling_steps(grid, cfg.start_index)
+    for i, (t_from, t_to) in enumerate(tqdm(steps, desc="guide", disable=not progress), start=cfg.start_index):
+        guided = i - cfg.start_index < cfg.guided_steps
+        v, x_hat, losses, norms, slices, probs = None, None, [], [], (), ()
+        if guided and (cfg.positives == "recomputed" or input_pos):
+            for it in range(cfg.inner_iterations):
+                # with gradient skipping the step's velocity is computed once; otherwise at every update
+                u = _update(flow, predictor, z, t_from, v if cfg.gradient_skipping else None, input_pos, cfg)
+                v = u.v
+                if it == 0:
+                    x_hat, slices, probs = u.image.cpu(), u.positives, u.probabilities
+                if u.loss is None:  # no positive slice: this update and the step's later ones are no-ops
+                    break
+                z = u.z
+                losses.append(u.loss)
+                norms.append(u.grad_norm)
+        if v is None:  # free step, or a guided step with nothing to guide
+            v = velocity(z, t_from)
+        if x_hat is None and cfg.decode_free_steps:
+            with torch.no_grad():
+                x_hat = flow.decode(clean_estimate(z, v, t_from))[0, 0].cpu()
+        z = euler_step(z, v, t_from, t_to)  # the same v as the guidance used (Algorithm 1)
+        phase = "guided" if guided else "free"
+        yield GuidanceStep(phase, i, float(t_from), float(t_to), z.detach().cpu(), x_hat, tuple(losses), tuple(norms),
+                           slices, probs)
+
+    with torch.no_grad():
+        x_cf = flow.decode(z)[0, 0]
+    yield GuidanceStep("final", None, 0.0, 0.0, z.detach().cpu(), x_cf.cpu())
+
+
+def run_guidance(
+    flow: FlowModel,
+    predictor: Predictor,
+    x: torch.Tensor,
+    config: GuidanceConfig | None = None,
+    compare_to: str = "reference",
+    progress: bool = False,
+) -> GuidanceResult:
+    """Run ``guide`` to the end and build the difference map.
+
+    The reference (``compare_to="reference"``) runs the same sampling steps without guidance from the same inverted
+    latent, so the map shows what guidance changed rather than what the autoencoder and the flow fail to reproduce.
+
+    Args:
+        flow: the rectified-flow model.
+        predictor: slice classifier in eval mode.
+        x: image ``(z, y, x)`` or ``(1, 1, z, y, x)`` in [0, 1] on the flow's grid.
+        config: loop parameters.
+        compare_to: ``"reference"`` (unguided reconstruction) or ``"input"`` (no reference is computed).
+        progress: show tqdm bars.
+    """
+    if compare_to not in ("reference", "input"):
+        raise ValueError(f"compare_to must be 'reference' or 'input', got {compare_to!r}")
+    cfg = config if config is not None else GuidanceConfig()
+    trajectory, z_start, states = [], None, {}
+    for state in guide(flow, predictor, x, cfg, progress):
+        trajectory.append(state.summary())
+        if state.phase in ("encode", "invert"):
+            z_start = state.z  # the latent the sampling starts from, shared with the reference
+        states[state.phase] = state
+    x_input = (x[0, 0] if x.ndim == 5 else x).detach().cpu()
+    x_cf = states["final"].x_hat
+    x_ref = None
+    if compare_to == "reference":
+        z_start = z_start.to(x.device)
+        grid = flow.timesteps(cfg.num_steps, latent_shape=tuple(z_start.shape))
+        with torch.no_grad():
+            steps = sample(partial(_frozen_velocity, flow), z_start, grid, cfg.start_index, progress)
+            z_ref = run_to_end(steps, z_start)
+            x_ref = flow.decode(z_ref)[0, 0].cpu()
+    difference = (x_cf - (x_ref if x_ref is not None else x_input)).abs()
+    enc = states["encode"]
+    return GuidanceResult(x_input, x_cf, x_ref, difference, compare_to, enc.positives, enc.probabilities, trajectory)

@@ -1,0 +1,239 @@
+"""From a difference map to a nodule mask: threshold (validation-calibrated or Otsu), post-process, scan grid.
+
+A voxel is foreground when its map value is strictly above the threshold. The threshold is either calibrated on
+a fold's validation cases (``calibrate_threshold``: the candidate with the best mean Dice; the same function serves
+the baselines, so every method gets the same protocol) or chosen without labels by Otsu inside the lung mask.
+Post-processing keeps the lung and drops connected components smaller than a size, on the model grid; the mask
+goes back to the scan's grid last, with nearest-neighbour resampling.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from tfg_core.data.preprocess import to_scan_grid
+from tfg_core.data.volume import Volume
+
+ArrayLike = np.ndarray | torch.Tensor
+
+
+def _numpy(a: ArrayLike) -> np.ndarray:
+    return a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
+
+
+def difference_map(x_cf: ArrayLike, x_ref: ArrayLike) -> np.ndarray:
+    """``|x_cf - x_ref|`` as float32 ``(z, y, x)``.
+
+    Args:
+        x_cf: counterfactual (guided) image, ``(z, y, x)`` or with singleton batch/channel axes.
+        x_ref: reference (unguided reconstruction, or the input), same shape.
+    """
+    a, b = np.squeeze(_numpy(x_cf)), np.squeeze(_numpy(x_ref))
+    if a.shape != b.shape or a.ndim != 3:
+        raise ValueError(f"expected two (z, y, x) images of the same shape, got {a.shape} and {b.shape}")
+    return np.abs(a.astype(np.float32) - b.astype(np.float32))
+
+
+def dice(pred: np.ndarray, gt: np.ndarray) -> float:
+    """Dice of two boolean masks; 1.0 when both are empty (nothing to find, nothing found).
+
+    Args:
+        pred: predicted mask.
+        gt: ground-truth mask, same shape.
+    """
+    pred, gt = np.asarray(pred, bool), np.asarray(gt, bool)
+    total = int(pred.sum()) + int(gt.sum())
+    return 1.0 if total == 0 else 2.0 * int(np.count_nonzero(pred & gt)) / total
+
+
+def postprocess(
+    mask: np.ndarray, lung_mask: np.ndarray | None = None, min_component_voxels: int = 0, connectivity: int = 3
+) -> np.ndarray:
+    """Keep the voxels inside the lung mask, then drop connected components smaller than a size.
+
+    Args:
+        mask: boolean ``(z, y, x)`` mask.
+        lung_mask: boolean mask on the same grid, or None.
+        min_component_voxels: components with fewer voxels are removed (0 keeps all).
+        connectivity: 1 = faces, 2 = + edges, 3 = + corners (``scipy.ndimage.generate_binary_structure``).
+    """
+    out = np.asarray(mask, dtype=bool)
+    if lung_mask is not None:
+        lung = np.asarray(lung_mask, dtype=bool)
+        if lung.shape != out.shape:
+            raise ValueError(f"lung mask shape {lung.shape} differs from the mask's {out.shape}")
+        out = out & lung
+    if min_component_voxels > 0 and out.any():
+        labels, _ = ndimage.label(out, structure=ndimage.generate_binary_structure(out.ndim, connectivity))
+        sizes = np.bincount(labels.ravel())
+        keep = sizes >= min_component_voxels
+        keep[0] = False  # background
+        out = keep[labels]
+    return out
+
+
+def otsu_threshold(diff: ArrayLike, lung_mask: np.ndarray | None = None, bins: int = 256) -> float:
+    """Otsu's threshold of the map's values inside the lung mask (label-free).
+
+    Neither scipy nor MONAI has one without scikit-image (not a dependency), hence this short histogram version.
+    Returns the upper edge of the last background bin, so ``diff > threshold`` is the bright class.
+
+    Args:
+        diff: difference map ``(z, y, x)``.
+        lung_mask: only these voxels count (all when None).
+        bins: histogram bins.
+    """
+    values = _numpy(diff)
+    values = values[np.asarray(lung_mask, bool)] if lung_mask is not None else values.ravel()
+    if values.size == 0:
+        raise ValueError("no voxels to threshold (empty lung mask)")
+    if values.min() == values.max():
+        return float(values.max())  # one value: nothing is brighter than the rest
+    hist, edges = np.histogram(values.astype(np.float64), bins=bins)
+    centres = (edges[:-1] + edges[1:]) / 2
+    w0 = np.cumsum(hist)[:-1].astype(np.float64)  # background = bins 0..k, for k = 0..bins-2
+    w1 = hist.sum() - w0
+    s0 = np.cumsum(hist * centres)[:-1]
+    mu0 = s0 / np.maximum(w0, 1)
+    mu1 = (np.sum(hist * centres) - s0) / np.maximum(w1, 1)
+    between = np.where((w0 > 0) & (w1 > 0), w0 * w1 * (mu0 - mu1) ** 2, -1.0)
+    # empty bins between two modes give a plateau; its middle is the least arbitrary cut
+    best = np.flatnonzero(between >= between.max() * (1 - 1e-12))
+    k = best[len(best) // 2]
+    return float(edges[k + 1])
+
+
+def default_candidates(
+    maps: Sequence[ArrayLike], lung_masks: Sequence[np.ndarray | None] | None = None,
+    n_values: int = 101, n_quantiles: int = 61,
+) -> np.ndarray:
+    """Threshold candidates for calibration: an even grid over the pooled values plus high quantiles.
+
+    Nodules cover a tiny fraction of a scan, so the useful thresholds sit at quantiles like 0.999; the
+    log-spaced quantile levels (1 - 10^-6 ... 1 - 10^-0.5) cover that tail, the even grid the rest.
+
+    Args:
+        maps: difference maps.
+        lung_masks: per-map masks restricting the voxels considered (None entries for none).
+        n_values: points of the even grid between the pooled minimum and maximum.
+        n_quantiles: number of high quantile levels.
+    """
+    lungs = lung_masks if lung_masks is not None else [None] * len(maps)
+    pooled = np.concatenate([_numpy(m)[np.asarray(l, bool)] if l is not None else _numpy(m).ravel()
+                             for m, l in zip(maps, lungs)])
+    if pooled.size == 0:
+        raise ValueError("no voxels to calibrate on")
+    even = np.linspace(pooled.min(), pooled.max(), n_values)
+    tail = np.quantile(pooled, 1.0 - np.logspace(-6, -0.5, n_quantiles))
+    return np.unique(np.concatenate([even, tail]))
+
+
+def threshold_dice_curve(
+    maps: Sequence[ArrayLike],
+    gt_masks: Sequence[np.ndarray],
+    candidates: Sequence[float] | None = None,
+    lung_masks: Sequence[np.ndarray | None] | None = None,
+    min_component_voxels: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mean Dice over cases of ``segment(map, threshold, lung_mask, min_component_voxels)`` for each candidate.
+
+    Without component filtering, Dice at every candidate comes from sorted values (two ``searchsorted`` per case);
+    with it, each candidate is segmented in full.
+
+    Args:
+        maps: difference maps on the grid of the masks.
+        gt_masks: ground-truth masks (bool), one per map.
+        candidates: thresholds to try (``default_candidates`` when None).
+        lung_masks: lung masks (or None entries) for the post-processing.
+        min_component_voxels: post-processing component size.
+
+    Returns:
+        ``(candidates, mean_dice)``, candidates sorted ascending.
+    """
+    if len(maps) != len(gt_masks) or not maps:
+        raise ValueError(f"need one ground-truth mask per map, got {len(maps)} maps and {len(gt_masks)} masks")
+    lungs = list(lung_masks) if lung_masks is not None else [None] * len(maps)
+    cands = np.sort(np.asarray(candidates if candidates is not None else default_candidates(maps, lungs), float))
+    scores = np.zeros((len(maps), len(cands)))
+    for c, (m, gt, lung) in enumerate(zip(maps, gt_masks, lungs)):
+        m, gt = _numpy(m), np.asarray(gt, bool)
+        if m.shape != gt.shape:
+            raise ValueError(f"case {c}: map shape {m.shape} differs from its mask's {gt.shape}")
+        if min_component_voxels > 0:
+            scores[c] = [dice(segment(m, thr, lung, min_component_voxels), gt) for thr in cands]
+            continue
+        inside = np.asarray(lung, bool) if lung is not None else np.ones(m.shape, bool)
+        values, hits = np.sort(m[inside]), np.sort(m[inside & gt])
+        predicted = values.size - np.searchsorted(values, cands, side="right")  # voxels with value > threshold
+        true_pos = hits.size - np.searchsorted(hits, cands, side="right")
+        total = predicted + gt.sum()
+        scores[c] = np.where(total > 0, 2.0 * true_pos / np.maximum(total, 1), 1.0)
+    return cands, scores.mean(axis=0)
+
+
+def calibrate_threshold(
+    maps: Sequence[ArrayLike],
+    gt_masks: Sequence[np.ndarray],
+    candidates: Sequence[float] | None = None,
+    lung_masks: Sequence[np.ndarray | None] | None = None,
+    min_component_voxels: int = 0,
+) -> float:
+    """The threshold with the best mean Dice over validation cases (the middle one when several tie).
+
+    Args:
+        maps: validation difference maps (or any method's score maps).
+        gt_masks: their ground-truth masks.
+        candidates: thresholds to try (``default_candidates`` when None).
+        lung_masks: lung masks used by the post-processing (None entries for none).
+        min_component_voxels: post-processing component size, as it will be used at test time.
+    """
+    cands, mean_dice = threshold_dice_curve(maps, gt_masks, candidates, lung_masks, min_component_voxels)
+    best = np.flatnonzero(mean_dice >= mean_dice.max() - 1e-12)
+    return float(cands[best[len(best) // 2]])
+
+
+def segment(
+    diff: ArrayLike,
+    threshold: float | str,
+    lung_mask: np.ndarray | None = None,
+    min_component_voxels: int = 0,
+    scan: Volume | None = None,
+) -> np.ndarray:
+    """Threshold a difference map, post-process it, and optionally bring it to the scan's grid.
+
+    Args:
+        diff: difference map ``(z, y, x)`` on the model grid.
+        threshold: a value (foreground is ``diff > threshold``) or ``"otsu"`` (inside ``lung_mask``).
+        lung_mask: boolean mask on the model grid, or None.
+        min_component_voxels: drop components smaller than this (model-grid voxels).
+        scan: when given, the mask is resampled (nearest) to this volume's voxel grid and orientation
+            (``to_scan_grid``; the model grid is the canonical orientation of ``to_model_grid``).
+    """
+    values = _numpy(diff)
+    if threshold == "otsu":
+        threshold = otsu_threshold(values, lung_mask)
+    elif isinstance(threshold, str):
+        raise ValueError(f"threshold must be a number or 'otsu', got {threshold!r}")
+    mask = postprocess(values > float(threshold), lung_mask, min_component_voxels)
+    if scan is None:
+        return mask
+    # uint8 on the way: the reorientation goes through SimpleITK, which has no boolean pixel type
+    return to_scan_grid(mask.astype(np.uint8), scan, mode="nearest").astype(bool)
+
+
+def on_scan(array: ArrayLike, scan: Volume, is_mask: bool) -> Volume:
+    """A model-grid map or mask as a ``Volume`` with the scan's grid and geometry (for writing NIfTI).
+
+    Args:
+        array: ``(z, y, x)`` array on the model grid (or already on the scan grid).
+        scan: the original scan.
+        is_mask: nearest-neighbour for masks, trilinear for maps.
+    """
+    a = _numpy(array)
+    out = to_scan_grid(a.astype(np.float32) if not is_mask else a.astype(np.uint8), scan,
+                       mode="nearest" if is_mask else "trilinear")
+    return scan.with_array(np.asarray(out, dtype=np.uint8 if is_mask else np.float32), meta=dict(scan.meta))
