@@ -1,0 +1,58 @@
+"""The per-fold evaluation protocol: calibrate on validation scans only, score test scans on their own grid."""
+
+import numpy as np
+import pytest
+
+import tfg_core.evaluate as evaluate
+from tfg_core.data.folds import fold_split
+from tfg_core.data.luna16 import build_manifest, read_annotations
+from tfg_core.data.phantom import PhantomConfig, write_cohort
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    root = write_cohort(tmp_path_factory.mktemp("phantom"), PhantomConfig(n_cases=30))
+    return root, build_manifest(root), read_annotations(root / "annotations.csv")
+
+
+def test_protocol_with_oracle_like_maps(cohort, monkeypatch):
+    """Maps = ground truth + noise ("good") or pure noise ("bad"): Dice ≈ 1 vs ≈ 0, thresholds from val only."""
+    root, manifest, annotations = cohort
+    seen = []
+
+    def fake_maps(prepared, flow, predictor, config, methods):
+        seen.append(prepared.uid)
+        rng = np.random.default_rng(abs(hash(prepared.uid)) % 2**32)
+        noise = 0.2 * rng.random(prepared.gt_grid.shape)
+        return {"good": prepared.gt_grid * 1.0 + noise, "bad": noise}
+
+    monkeypatch.setattr(evaluate, "difference_maps", fake_maps)
+    split = fold_split(manifest, fold=4)
+    rows, thresholds = evaluate.evaluate_fold(root, manifest, annotations, split, flow=None, predictor=None,
+                                              methods=("good", "bad"))
+    assert seen == split.val + split.test  # validation first (calibration), then test
+    assert 0.15 <= thresholds["good"] < 1.2
+    assert set(rows.seriesuid) == set(split.test) and len(rows) == 2 * len(split.test)
+    assert {"experiment", "fold", "seriesuid", "backbone", "method", "dsc", "msd_mm", "pred_voxels", "gt_voxels",
+            "threshold", "params_hash"} <= set(rows.columns)
+    summary = evaluate.summarise(rows).set_index("method")
+    assert summary.loc["good", "dsc_mean"] > 0.95  # back on the scan grid the mask is the ground truth
+    assert summary.loc["good", "msd_median_mm"] < 1.0
+    assert summary.loc["bad", "dsc_mean"] < 0.3
+
+
+def test_otsu_mode_needs_no_validation(cohort, monkeypatch):
+    root, manifest, annotations = cohort
+    seen = []
+
+    def fake_maps(prepared, flow, predictor, config, methods):
+        seen.append(prepared.uid)
+        return {"good": prepared.gt_grid * 1.0}
+
+    monkeypatch.setattr(evaluate, "difference_maps", fake_maps)
+    split = fold_split(manifest, fold=1)
+    rows, thresholds = evaluate.evaluate_fold(root, manifest, annotations, split, None, None, methods=("good",),
+                                              threshold_mode="otsu")
+    assert thresholds == {} and seen == split.test and set(rows.threshold) == {"otsu"}
+    with pytest.raises(ValueError, match="threshold_mode"):
+        evaluate.evaluate_fold(root, manifest, annotations, split, None, None, threshold_mode="best-on-test")
