@@ -1,0 +1,219 @@
+"""Weak-label fine-tuning as in the paper: 2.5D stacks, balanced classes, constant LR, best validation F1 kept.
+
+Every number is a field of :class:`FinetuneConfig`; the defaults are the paper's (10,000 iterations,
+validation every 100). The CPU demo passes fewer iterations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from tfg_core.training.checkpoint import save_predictor
+from tfg_core.training.slice_data import AugmentConfig, BalancedSliceSampler, BatchAugment, SliceBank, SliceCase, all_stacks
+
+
+@dataclass
+class FinetuneConfig:
+    """Fine-tuning parameters (paper defaults).
+
+    Args:
+        backbone: ``tiny`` | ``tinyvit`` | ``resnet50``.
+        iterations: optimiser steps.
+        batch_size: stacks per step.
+        lr: constant Adam learning rate.
+        weight_decay: Adam weight decay.
+        eval_every: validate every this many iterations.
+        n_slices: slices per 2.5D stack.
+        seed: seeds sampling, augmentation and initialisation.
+        amp: mixed precision (bf16) when training on CUDA.
+        pretrained_path: backbone weights (LiteMedSAM / RadImageNet); None = packaged default or random.
+        augment: augmentation probabilities and ranges.
+    """
+
+    backbone: str = "tiny"
+    iterations: int = 10_000
+    batch_size: int = 16
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    eval_every: int = 100
+    n_slices: int = 9
+    seed: int = 0
+    amp: bool = True
+    pretrained_path: str | None = None
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+# Defaults for the CPU demo's tiny predictor where they differ from the paper's (FinetuneConfig).
+# PROVISIONAL: no setting has yet reached the issue's target (val F1 >= 0.9 in < 2 min); see the report.
+TINY_DEFAULTS: dict[str, Any] = {"iterations": 600, "batch_size": 32, "lr": 2e-3, "eval_every": 50}
+
+
+def config_for(backbone: str, **overrides: Any) -> FinetuneConfig:
+    """A :class:`FinetuneConfig` for ``backbone``: the paper's defaults, the tiny predictor's own defaults
+    (:data:`TINY_DEFAULTS`) for ``tiny``, then every override that is not None.
+
+    Args:
+        backbone: ``tiny`` | ``tinyvit`` | ``resnet50``.
+        overrides: FinetuneConfig fields; None means "use the default".
+    """
+    values = dict(TINY_DEFAULTS) if backbone == "tiny" else {}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return FinetuneConfig(backbone=backbone, **values)
+
+
+def binary_metrics(probs: np.ndarray, labels: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
+    """Slice-level F1, precision, recall and accuracy.
+
+    Args:
+        probs: predicted positive probabilities.
+        labels: true labels (bool or 0/1).
+        threshold: decision threshold.
+    """
+    pred = np.asarray(probs) >= threshold
+    true = np.asarray(labels).astype(bool)
+    tp = float(np.sum(pred & true))
+    fp = float(np.sum(pred & ~true))
+    fn = float(np.sum(~pred & true))
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"f1": f1, "precision": precision, "recall": recall, "accuracy": float(np.mean(pred == true))}
+
+
+@torch.no_grad()
+def predict_slices(model: torch.nn.Module, case: SliceCase, size: int, batch_size: int = 64,
+                   device: str | torch.device = "cpu") -> np.ndarray:
+    """Positive probability for every slice of one scan.
+
+    Args:
+        model: predictor in eval mode.
+        case: the scan.
+        size: predictor input size.
+        batch_size: stacks per forward pass.
+        device: where the model lives.
+    """
+    stacks = all_stacks(case, size=size, n_slices=getattr(model, "in_slices", 9))
+    out = [torch.sigmoid(model(stacks[i:i + batch_size].to(device)).float()).cpu() for i in range(0, len(stacks), batch_size)]
+    return torch.cat(out).numpy()
+
+
+@torch.no_grad()
+def predict_bank(model: torch.nn.Module, bank: SliceBank, batch_size: int = 256,
+                 device: str | torch.device = "cpu") -> np.ndarray:
+    """Positive probability for every slice in a :class:`SliceBank`, in bank order.
+
+    Args:
+        model: predictor in eval mode.
+        bank: the scans' slices.
+        batch_size: stacks per forward pass.
+        device: where the model lives.
+    """
+    case_idx = torch.repeat_interleave(torch.arange(len(bank.depths)), bank.depths)
+    centres = torch.cat([torch.arange(int(d)) for d in bank.depths])
+    out = [torch.sigmoid(model(bank.stacks(case_idx[i:i + batch_size], centres[i:i + batch_size]).to(device)).float()).cpu()
+           for i in range(0, len(centres), batch_size)]
+    return torch.cat(out).numpy()
+
+
+def evaluate(model: torch.nn.Module, cases: Sequence[SliceCase] | SliceBank, size: int | None = None,
+             device: str | torch.device = "cpu", labels: np.ndarray | None = None) -> dict[str, float]:
+    """Slice-level metrics over every slice of the given scans (in eval mode: running BN statistics).
+
+    Args:
+        model: predictor.
+        cases: validation scans, or a prebuilt :class:`SliceBank` of them (then ``labels`` is required).
+        size: predictor input size (default ``model.input_size``).
+        device: where the model lives.
+        labels: the bank's slice labels, concatenated in bank order.
+    """
+    was_training = model.training
+    model.eval()
+    if isinstance(cases, SliceBank):
+        if labels is None:
+            raise ValueError("evaluate(bank) needs the bank's labels")
+        bank = cases
+    else:
+        bank = SliceBank(cases, size=size or int(model.input_size), n_slices=getattr(model, "in_slices", 9))
+        labels = np.concatenate([c.labels for c in cases])
+    probs = predict_bank(model, bank, device=device)
+    model.train(was_training)
+    return binary_metrics(probs, labels)
+
+
+def finetune(
+    train_cases: Sequence[SliceCase],
+    val_cases: Sequence[SliceCase],
+    config: FinetuneConfig,
+    out_path: str | os.PathLike,
+    manifest_sha256: str | None = None,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Fine-tune a predictor on slice labels; the checkpoint with the best validation F1 is written to ``out_path``.
+
+    Args:
+        train_cases: training scans (weak slice labels only).
+        val_cases: the fold's validation scans.
+        config: training parameters.
+        out_path: checkpoint destination (written atomically each time validation F1 improves).
+        manifest_sha256: data manifest hash recorded in the checkpoint.
+        device: ``"cpu"`` or ``"cuda"``.
+        progress: show a tqdm bar.
+    """
+    from tfg_core.predictors import build_predictor
+
+    torch.manual_seed(config.seed)
+    device = torch.device(device)
+    model = build_predictor(config.backbone, in_slices=config.n_slices, pretrained_path=config.pretrained_path).to(device)
+    size = int(model.input_size)
+    sampler = BalancedSliceSampler(train_cases, seed=config.seed)
+    bank = SliceBank(train_cases, size=size, n_slices=config.n_slices)
+    val_bank = SliceBank(val_cases, size=size, n_slices=config.n_slices)
+    val_labels = np.concatenate([c.labels for c in val_cases])
+    augment = BatchAugment(config.augment, seed=config.seed)
+    optimiser = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    use_amp = config.amp and device.type == "cuda"
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else contextlib.nullcontext
+
+    best: dict[str, Any] = {"f1": -1.0, "iteration": 0}
+    history: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    model.train()
+    bar = tqdm(range(1, config.iterations + 1), disable=not progress, desc=f"fine-tune {config.backbone}")
+    for it in bar:
+        picks, labels = sampler.draw(config.batch_size)
+        stacks = augment(bank.stacks(picks[:, 0], picks[:, 1]).to(device))
+        target = torch.as_tensor(labels, device=device)
+        with autocast():
+            loss = loss_fn(model(stacks).float(), target)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        if it % config.eval_every == 0 or it == config.iterations:
+            metrics = evaluate(model, val_bank, device=device, labels=val_labels)
+            record = {"iteration": it, "loss": float(loss.detach()), "seconds": time.perf_counter() - started, **metrics}
+            history.append(record)
+            if metrics["f1"] > best["f1"]:
+                best = {**record}
+                save_predictor(out_path, model, config.backbone, _jsonable(asdict(config)), record, manifest_sha256)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", val_f1=f"{metrics['f1']:.3f}", best=f"{best['f1']:.3f}")
+    return {"best": best, "history": history, "checkpoint": str(Path(out_path)),
+            "seconds": time.perf_counter() - started, "iterations_per_second": config.iterations / (time.perf_counter() - started)}
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return obj

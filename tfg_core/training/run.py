@@ -1,0 +1,75 @@
+"""Fine-tune one fold end to end: manifest → fold split → weak slice labels → :func:`finetune`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from tfg_core.data.cases import load_case
+from tfg_core.data.folds import fold_split
+from tfg_core.data.luna16 import build_manifest, read_annotations, read_manifest
+from tfg_core.io import sha256_file
+from tfg_core.training.finetune import config_for, finetune
+from tfg_core.training.slice_data import SliceCase, slice_case_from
+
+MANIFEST_NAME = "manifest.csv"
+
+
+def ensure_manifest(root: str | os.PathLike, progress: bool = False) -> tuple[pd.DataFrame, Path]:
+    """The tree's manifest, built once and cached as ``root/manifest.csv``.
+
+    Args:
+        root: LUNA16-shaped root.
+        progress: progress bar while scanning headers.
+    """
+    path = Path(root) / MANIFEST_NAME
+    if path.is_file():
+        return read_manifest(path), path
+    return build_manifest(root, out_csv=path, progress=progress), path
+
+
+def load_slice_cases(root: str | os.PathLike, manifest: pd.DataFrame, uids: Sequence[str],
+                     ground_truth: str = "auto", progress: bool = False) -> list[SliceCase]:
+    """Read the given scans and turn them into model-grid volumes with weak slice labels.
+
+    Args:
+        root: LUNA16-shaped root.
+        manifest: its manifest.
+        uids: which scans.
+        ground_truth: ``auto`` | ``sphere`` | ``mask`` | ``lidc`` (see :mod:`tfg_core.data.cases`).
+        progress: progress bar.
+    """
+    annotations = read_annotations(Path(root) / "annotations.csv")
+    rows = manifest.set_index("seriesuid", drop=False).loc[list(uids)]
+    return [slice_case_from(load_case(root, row, annotations, ground_truth=ground_truth))
+            for _, row in tqdm(rows.iterrows(), total=len(rows), disable=not progress, desc="load scans")]
+
+
+def finetune_fold(root: str | os.PathLike, fold: int, backbone: str = "tiny", out: str | os.PathLike | None = None,
+                  progress: bool = True, device: str = "cpu", ground_truth: str = "auto", **config: Any) -> dict[str, Any]:
+    """Fine-tune ``backbone`` with test = subset ``fold``, validation = the next subset, training = the rest.
+
+    Args:
+        root: LUNA16-shaped root (the phantom cohort or real LUNA16).
+        fold: test subset 0–9 (never touched here).
+        backbone: ``tiny`` | ``tinyvit`` | ``resnet50``.
+        out: checkpoint path; default ``runs/finetune/<backbone>_fold<k>.pt``.
+        progress: progress bars.
+        device: ``cpu`` | ``cuda``.
+        ground_truth: which masks define the slice labels.
+        config: any :class:`FinetuneConfig` field (iterations, batch_size, lr, …); None = the backbone's default
+            (:data:`~tfg_core.training.finetune.TINY_DEFAULTS` for ``tiny``, the paper's otherwise).
+    """
+    manifest, manifest_path = ensure_manifest(root, progress=progress)
+    split = fold_split(manifest, fold)
+    train = load_slice_cases(root, manifest, split.train, ground_truth, progress)
+    val = load_slice_cases(root, manifest, split.val, ground_truth, progress)
+    out = Path(out) if out is not None else Path("runs/finetune") / f"{backbone}_fold{fold}.pt"
+    cfg = config_for(backbone, **config)
+    result = finetune(train, val, cfg, out, manifest_sha256=sha256_file(manifest_path), device=device, progress=progress)
+    result.update(fold=fold, n_train=len(train), n_val=len(val))
+    return result
