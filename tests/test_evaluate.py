@@ -1,5 +1,7 @@
 """The per-fold evaluation protocol: calibrate on validation scans only, score test scans on their own grid."""
 
+import zlib
+
 import numpy as np
 import pytest
 
@@ -22,16 +24,19 @@ def test_protocol_with_oracle_like_maps(cohort, monkeypatch):
 
     def fake_maps(prepared, flow, predictor, config, methods):
         seen.append(prepared.uid)
-        rng = np.random.default_rng(abs(hash(prepared.uid)) % 2**32)
+        rng = np.random.default_rng(zlib.crc32(prepared.uid.encode()))  # hash() varies per process
         noise = 0.2 * rng.random(prepared.gt_grid.shape)
         return {"good": prepared.gt_grid * 1.0 + noise, "bad": noise}
 
     monkeypatch.setattr(evaluate, "difference_maps", fake_maps)
-    split = fold_split(manifest, fold=4)
+    # a fold whose validation and test subsets both hold nodules (the small cohort has 3 scans per subset)
+    with_nodules = set(annotations.seriesuid)
+    split = next(s for s in (fold_split(manifest, k) for k in range(10))
+                 if with_nodules & set(s.val) and with_nodules & set(s.test))
     rows, thresholds = evaluate.evaluate_fold(root, manifest, annotations, split, flow=None, predictor=None,
                                               methods=("good", "bad"))
     assert seen == split.val + split.test  # validation first (calibration), then test
-    assert 0.15 <= thresholds["good"] < 1.2
+    assert 0.3 <= thresholds["good"] <= 0.9  # mid-plateau between the noise (< 0.2) and the nodules (≥ 1)
     assert set(rows.seriesuid) == set(split.test) and len(rows) == 2 * len(split.test)
     assert {"experiment", "fold", "seriesuid", "backbone", "method", "dsc", "msd_mm", "pred_voxels", "gt_voxels",
             "threshold", "params_hash"} <= set(rows.columns)

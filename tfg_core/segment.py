@@ -182,7 +182,11 @@ def calibrate_threshold(
     lung_masks: Sequence[np.ndarray | None] | None = None,
     min_component_voxels: int = 0,
 ) -> float:
-    """The threshold with the best mean Dice over validation cases (the middle one when several tie).
+    """The threshold with the best mean Dice over validation cases.
+
+    When neighbouring candidates tie (a plateau of equal Dice), the midpoint *in value* of the plateau that
+    holds the first maximum is returned: the candidates are dense in the tail, so the middle *index* would
+    sit at the plateau's edge, one noise voxel away from a worse threshold.
 
     Args:
         maps: validation difference maps (or any method's score maps).
@@ -192,8 +196,12 @@ def calibrate_threshold(
         min_component_voxels: post-processing component size, as it will be used at test time.
     """
     cands, mean_dice = threshold_dice_curve(maps, gt_masks, candidates, lung_masks, min_component_voxels)
-    best = np.flatnonzero(mean_dice >= mean_dice.max() - 1e-12)
-    return float(cands[best[len(best) // 2]])
+    is_best = mean_dice >= mean_dice.max() - 1e-12
+    first = int(np.argmax(is_best))
+    last = first
+    while last + 1 < len(cands) and is_best[last + 1]:
+        last += 1
+    return float(0.5 * (cands[first] + cands[last]))
 
 
 def segment(
