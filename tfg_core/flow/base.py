@@ -64,3 +64,18 @@ class FlowModel(abc.ABC):
         Args:
             image_shape: the image's shape.
         """
+
+
+def check_layout(a: torch.Tensor, channels: int, factor: int, what: str) -> None:
+    """Raise unless ``a`` is ``(B, channels, z, y, x)`` with spatial sizes divisible by ``factor``.
+
+    Args:
+        a: image or latent batch.
+        channels: expected channel count.
+        factor: required divisor of each spatial size (the network's downsampling).
+        what: name for the message (``"image"``, ``"latent"``).
+    """
+    if a.ndim != 5 or a.shape[1] != channels:
+        raise ValueError(f"{what} must be (B, {channels}, z, y, x), got {tuple(a.shape)}")
+    if any(s % factor for s in a.shape[2:]):
+        raise ValueError(f"{what} spatial size {tuple(a.shape[2:])} must be divisible by {factor}")

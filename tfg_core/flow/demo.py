@@ -34,7 +34,7 @@ from torch import nn
 
 from tfg_core.checkpoints import load_checkpoint, load_state_dict_strict, verify_sha256
 from tfg_core.errors import CheckpointError, DataError
-from tfg_core.flow.base import FlowModel
+from tfg_core.flow.base import FlowModel, check_layout
 from tfg_core.flow.schedule import NUM_TRAIN_TIMESTEPS, rflow_timesteps
 
 ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets"
@@ -115,12 +115,7 @@ class DemoFlow(FlowModel, nn.Module):
         self.vae_factor = 2 ** (len(autoencoder.encoder.channels) - 1)
         self.unet_factor = 2 ** (len(unet.block_out_channels) - 1)
 
-    @staticmethod
-    def _check(a: torch.Tensor, channels: int, factor: int, what: str) -> None:
-        if a.ndim != 5 or a.shape[1] != channels:
-            raise ValueError(f"{what} must be (B, {channels}, z, y, x), got {tuple(a.shape)}")
-        if any(s % factor for s in a.shape[2:]):
-            raise ValueError(f"{what} spatial size {tuple(a.shape[2:])} must be divisible by {factor}")
+    _check = staticmethod(check_layout)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Image ``(B, 1, z, y, x)`` in [0, 1] -> ``z_mu * scale_factor``, ``(B, 4, z/4, y/4, x/4)``.

@@ -41,7 +41,7 @@ from torch import nn
 
 from tfg_core.checkpoints import load_checkpoint, load_state_dict_strict, resolve_weights
 from tfg_core.errors import CheckpointError, DataError
-from tfg_core.flow.base import FlowModel
+from tfg_core.flow.base import FlowModel, check_layout
 from tfg_core.flow.schedule import NUM_TRAIN_TIMESTEPS, rflow_timesteps
 
 CONFIG_PATH = Path(__file__).resolve().parent / "configs" / "maisi_v2_config_network_rflow.json"
@@ -232,12 +232,7 @@ class MaisiFlow(FlowModel, nn.Module):
         enabled = device.type == "cuda" if self.amp is None else bool(self.amp)
         return torch.autocast(device_type=device.type, dtype=torch.float16, enabled=enabled)
 
-    @staticmethod
-    def _check(a: torch.Tensor, channels: int, factor: int, what: str) -> None:
-        if a.ndim != 5 or a.shape[1] != channels:
-            raise ValueError(f"{what} must be (B, {channels}, z, y, x), got {tuple(a.shape)}")
-        if any(s % factor for s in a.shape[2:]):
-            raise ValueError(f"{what} spatial size {tuple(a.shape[2:])} must be divisible by {factor}")
+    _check = staticmethod(check_layout)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Image ``(B, 1, z, y, x)`` in [0, 1] -> posterior mean ``z_mu * scale_factor``, ``(B, 4, z/4, y/4, x/4)``.
