@@ -111,6 +111,25 @@ def _load_state(path: Path) -> dict[str, Any] | None:
     return load_checkpoint(path) if path.is_file() else None
 
 
+def _checkpoint(path: Path, parts: dict[str, Any], gen: torch.Generator, step: int, losses: list[float],
+                seconds: float) -> None:
+    """Save every ``state_dict`` in ``parts`` plus both RNG states and the progress counters."""
+    _save_state(path, {**{k: v.state_dict() for k, v in parts.items()}, "generator": gen.get_state(),
+                       "rng": torch.get_rng_state(), "step": step, "losses": losses, "seconds": seconds})
+
+
+def _resume(path: Path, parts: dict[str, Any], gen: torch.Generator) -> tuple[int, list[float], float]:
+    """Restore what :func:`_checkpoint` saved; ``(0, [], 0.0)`` when there is no checkpoint yet."""
+    state = _load_state(path)
+    if state is None:
+        return 0, [], 0.0
+    for key, part in parts.items():
+        part.load_state_dict(state[key])
+    gen.set_state(state["generator"])
+    torch.set_rng_state(state["rng"])
+    return state["step"], state["losses"], state["seconds"]
+
+
 def _cosine(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LRScheduler:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.1 + 0.45 * (1 + math.cos(math.pi * s / steps)))
 
@@ -138,15 +157,8 @@ def train_autoencoder(images: torch.Tensor, config: DemoTrainConfig, workdir: Pa
     optimizer = torch.optim.AdamW(ae.parameters(), lr=config.ae_lr)
     scheduler = _cosine(optimizer, config.ae_steps)
     gen = torch.Generator().manual_seed(config.torch_seed)
-    step, losses, seconds = 0, [], 0.0
-    state = _load_state(path)
-    if state is not None:
-        ae.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        gen.set_state(state["generator"])
-        torch.set_rng_state(state["rng"])
-        step, losses, seconds = state["step"], state["losses"], state["seconds"]
+    parts = {"model": ae, "optimizer": optimizer, "scheduler": scheduler}
+    step, losses, seconds = _resume(path, parts, gen)
     ae.train()
     bar = tqdm(total=config.ae_steps, initial=step, desc="autoencoder", disable=not progress)
     start = time.monotonic() - seconds
@@ -164,10 +176,7 @@ def train_autoencoder(images: torch.Tensor, config: DemoTrainConfig, workdir: Pa
         bar.update(1)
         bar.set_postfix(l1=f"{np.mean(losses[-20:]):.4f}")
         if step % config.checkpoint_every == 0 or step == config.ae_steps:
-            _save_state(path, {"model": ae.state_dict(), "optimizer": optimizer.state_dict(),
-                               "scheduler": scheduler.state_dict(), "generator": gen.get_state(),
-                               "rng": torch.get_rng_state(), "step": step, "losses": losses,
-                               "seconds": time.monotonic() - start})
+            _checkpoint(path, parts, gen, step, losses, time.monotonic() - start)
     bar.close()
     state = _load_state(path)
     ae.load_state_dict(state["model"])
@@ -208,16 +217,8 @@ def train_flow(latents: torch.Tensor, config: DemoTrainConfig, workdir: Path,
                            sample_method=SCHEDULE["sample_method"],
                            use_timestep_transform=SCHEDULE["use_timestep_transform"])
     gen = torch.Generator().manual_seed(config.torch_seed + 1)
-    step, losses, seconds = 0, [], 0.0
-    state = _load_state(path)
-    if state is not None:
-        unet.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        gen.set_state(state["generator"])
-        torch.set_rng_state(state["rng"])
-        step, losses, seconds = state["step"], state["losses"], state["seconds"]
+    parts = {"model": unet, "ema": ema, "optimizer": optimizer, "scheduler": scheduler}
+    step, losses, seconds = _resume(path, parts, gen)
     unet.train()
     bar = tqdm(total=config.flow_steps, initial=step, desc="flow", disable=not progress)
     start = time.monotonic() - seconds
@@ -237,10 +238,7 @@ def train_flow(latents: torch.Tensor, config: DemoTrainConfig, workdir: Path,
         bar.update(1)
         bar.set_postfix(mse=f"{np.mean(losses[-20:]):.4f}")
         if step % config.checkpoint_every == 0 or step == config.flow_steps:
-            _save_state(path, {"model": unet.state_dict(), "ema": ema.state_dict(),
-                               "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                               "generator": gen.get_state(), "rng": torch.get_rng_state(), "step": step,
-                               "losses": losses, "seconds": time.monotonic() - start})
+            _checkpoint(path, parts, gen, step, losses, time.monotonic() - start)
     bar.close()
     state = _load_state(path)
     ema.load_state_dict(state["ema"])
