@@ -17,7 +17,6 @@ import multiprocessing as mp
 import resource
 import sys
 import time
-from dataclasses import asdict
 
 import torch
 

@@ -19,7 +19,7 @@ from tfg_core.data.phantom import generate_case
 from tfg_core.data.preprocess import mask_to_model_grid, to_model_grid, unit_to_hu
 from tfg_core.errors import CheckpointError
 from tfg_core.flow.demo import (
-    ASSET_NAME, DEMO_FLOW_PATH, FLOW_ASSETS_PATH, IMAGE_SHAPE, DemoFlow, build_demo_autoencoder, build_demo_unet,
+    ASSET_NAME, DEMO_FLOW_PATH, IMAGE_SHAPE, DemoFlow, build_demo_autoencoder, build_demo_unet,
     demo_flow_payload, flow_assets, load_demo_flow,
 )
 from tfg_core.flow.schedule import invert, rflow_timesteps, run_to_end, sample

@@ -10,7 +10,7 @@ from tfg_core.data.slices import make_stacks
 from tfg_core.errors import CheckpointError
 from tfg_core.training.checkpoint import load_predictor, save_predictor
 from tfg_core.training.finetune import binary_metrics
-from tfg_core.training.slice_data import AugmentConfig, BalancedSliceSampler, BatchAugment, SliceBank, SliceCase, stacks_for
+from tfg_core.training.slice_data import AugmentConfig, BalancedSliceSampler, BatchAugment, SliceBank, SliceCase
 
 NO_AUGMENT = AugmentConfig(p_flip=0.0, p_rotate=0.0, p_translate=0.0, p_zoom=0.0)
 
@@ -45,7 +45,6 @@ def test_slice_bank_matches_make_stacks_across_cases_of_different_depth(rng):
     picks = np.array([(0, 0), (1, 11), (2, 1), (1, 5), (0, 4)])
     want = torch.cat([make_stacks(cases[c].volume, centres=[z], n_slices=9) for c, z in picks])
     assert torch.equal(bank.stacks(picks[:, 0], picks[:, 1]), want)  # edges replicate within each scan
-    assert torch.equal(stacks_for(cases, picks, size=16), want)
     resized = SliceBank(cases, size=8).stacks([1], [5])
     assert torch.allclose(resized, make_stacks(cases[1].volume, centres=[5], size=8))
     with pytest.raises(IndexError):

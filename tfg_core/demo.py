@@ -135,9 +135,8 @@ def run_demo(out: str | os.PathLike = "outputs/demo", fold: int = 0, cohort: str
         if predictor is not None:
             probs = predict_slices(predictor, sc, size=predictor.input_size)
             rec["slice_acc"] = round(float(np.mean((probs >= 0.5) == sc.labels)), 3)
-            sc.probs = probs
         records.append(rec)
-        cases.append((case, sc))
+        cases.append((case, sc, probs if predictor is not None else None))
     table = pd.DataFrame.from_records(records)
     atomic_write_text(out / f"fold{fold}_cases.csv", table.to_csv(index=False))
     figure = out / f"fold{fold}_overview.png"
@@ -188,7 +187,7 @@ def _overview_figure(cases, path: Path) -> None:
 
     n = len(cases)
     fig, axes = plt.subplots(2, n, figsize=(2.2 * n, 4.6), squeeze=False)
-    for col, (case, sc) in enumerate(cases):
+    for col, (case, sc, probs) in enumerate(cases):
         mask = case.nodule_mask
         z = int(np.argmax(mask.sum(axis=(1, 2)))) if mask.any() else case.volume.shape[0] // 2
         ax = axes[0, col]
@@ -200,8 +199,8 @@ def _overview_figure(cases, path: Path) -> None:
         ax.axis("off")
         ax = axes[1, col]
         ax.step(np.arange(len(sc.labels)), sc.labels.astype(float), where="mid", color="r", label="label")
-        if getattr(sc, "probs", None) is not None:
-            ax.plot(sc.probs, color="k", lw=0.8, label="p(nodule)")
+        if probs is not None:
+            ax.plot(probs, color="k", lw=0.8, label="p(nodule)")
         ax.set_ylim(-0.05, 1.05)
         ax.set_xlabel("slice", fontsize=7)
         ax.tick_params(labelsize=6)

@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import numpy as np

@@ -168,25 +168,6 @@ class SliceBank:
         return self.slices[self.offsets[c] + z]
 
 
-def stacks_for(cases: Sequence[SliceCase], picks: Sequence[tuple[int, int]], size: int, n_slices: int = N_SLICES) -> torch.Tensor:
-    """Stacks (N, n_slices, size, size) for the given (case, slice) pairs (one :func:`make_stacks` per scan).
-
-    For repeated batches from the same scans use :class:`SliceBank`, which gathers without rebuilding.
-
-    Args:
-        cases: the scans the indices refer to.
-        picks: (case index, centre slice) pairs.
-        size: predictor input size.
-        n_slices: slices per stack.
-    """
-    picks = np.asarray(picks, dtype=np.int64).reshape(-1, 2)
-    out = torch.empty(len(picks), n_slices, size, size)
-    for c in np.unique(picks[:, 0]):
-        rows = np.flatnonzero(picks[:, 0] == c)
-        out[rows] = make_stacks(cases[int(c)].volume, centres=picks[rows, 1], n_slices=n_slices, size=size)
-    return out
-
-
 def all_stacks(case: SliceCase, size: int, n_slices: int = N_SLICES) -> torch.Tensor:
     """Every slice of one scan as a stack (for validation and inference).
 
