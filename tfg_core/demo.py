@@ -22,7 +22,6 @@ from tfg_core.data.cases import load_case
 from tfg_core.data.folds import fold_split
 from tfg_core.data.luna16 import read_annotations
 from tfg_core.data.phantom import PhantomConfig, write_cohort
-from tfg_core.data.preprocess import to_model_grid
 from tfg_core.data.slices import make_stacks
 from tfg_core.io import atomic_write_text, atomic_write_with
 from tfg_core.training.run import ensure_manifest
@@ -121,12 +120,11 @@ def run_demo(out: str | os.PathLike = "outputs/demo", fold: int = 0, cohort: str
     records, cases = [], []
     for uid in split.test:
         case = load_case(root, rows.loc[uid], annotations)
-        grid = to_model_grid(case.volume)
-        sc = slice_case_from(case)
-        stacks = make_stacks(grid.array)
+        sc = slice_case_from(case)  # the model-grid volume and its weak slice labels
+        stacks = make_stacks(sc.volume)
         rec = {
             "fold": fold, "seriesuid": uid, "flipped": bool(rows.loc[uid, "flipped"]),
-            "shape": "x".join(map(str, case.volume.shape)), "model_grid": "x".join(map(str, grid.shape)),
+            "shape": "x".join(map(str, case.volume.shape)), "model_grid": "x".join(map(str, sc.volume.shape)),
             "spacing_mm": "x".join(f"{s:g}" for s in case.volume.spacing),
             "n_nodules": len(case.annotations), "nodule_voxels": int(case.nodule_mask.sum()),
             "positive_slices": int(sc.labels.sum()), "stacks": "x".join(map(str, stacks.shape)),

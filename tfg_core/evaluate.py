@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tfg_core.data.cases import Case, load_case
-from tfg_core.data.preprocess import mask_to_model_grid, to_model_grid
+from tfg_core.data.preprocess import mask_to_model_grid, to_model_grid, to_scan_grid
 from tfg_core.data.volume import Volume
 from tfg_core.flow.base import FlowModel
 from tfg_core.flow.noprior import NoPriorFlow
@@ -162,7 +162,8 @@ def evaluate_fold(
         for m in methods:
             threshold = thresholds.get(m, "otsu")
             masks[m] = segment(maps[m], threshold, prepared.lung_grid, min_component_voxels)
-            on_scan = segment(maps[m], threshold, prepared.lung_grid, min_component_voxels, scan=prepared.case.volume)
+            # uint8 on the way back: the reorientation goes through SimpleITK, which has no boolean pixels
+            on_scan = to_scan_grid(masks[m].astype(np.uint8), prepared.case.volume, mode="nearest").astype(bool)
             metrics = case_metrics(on_scan, prepared.case.nodule_mask, prepared.case.volume.spacing)
             rows.append({"experiment": experiment, "fold": split.fold, "seriesuid": uid, "backbone": backbone,
                          "method": m, **metrics, "threshold": threshold if isinstance(threshold, str) else float(threshold),
