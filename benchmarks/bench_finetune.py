@@ -48,7 +48,8 @@ def time_steps(backbone: str, batch_size: int, iterations: int, device: str) -> 
         device: ``cpu`` | ``cuda``.
     """
     torch.manual_seed(0)
-    model = build_predictor(backbone).to(device).train()
+    # the same memory format as ``finetune`` uses
+    model = build_predictor(backbone).to(device).to(memory_format=torch.channels_last).train()
     size = model.input_size
     optimiser = torch.optim.Adam(model.parameters(), lr=1e-4)
     augment = BatchAugment(AugmentConfig(), seed=0)
@@ -60,7 +61,7 @@ def time_steps(backbone: str, batch_size: int, iterations: int, device: str) -> 
         torch.cuda.reset_peak_memory_stats()
 
     def step() -> None:
-        x = augment(stacks.to(device))
+        x = augment(stacks.to(device)).contiguous(memory_format=torch.channels_last)
         with amp():
             loss = loss_fn(model(x).float(), target)
         optimiser.zero_grad(set_to_none=True)
@@ -104,7 +105,7 @@ def full_tiny_finetune(root: Path | None) -> dict:
         wall = time.perf_counter() - start
     best = result["best"]
     return {"backbone": "tiny", "fold": 0, "wall_s": wall, "train_s": result["seconds"],
-            "it_per_s": result["iterations_per_second"], "best_val_f1": best["f1"],
+            "it_per_s": result["iterations_per_second"], "best_val_f1": best["f1"], "best_val_auc": best["auc"],
             "best_iteration": best["iteration"], "precision": best["precision"], "recall": best["recall"],
             **{k: TINY_DEFAULTS[k] for k in ("iterations", "batch_size", "lr")}}
 
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         out["tiny_full_finetune"] = full
         print(f"tiny fine-tune, phantom fold 0 (CPU): {full['wall_s']:.1f} s wall "
               f"({full['iterations']} it, batch {full['batch_size']}, {full['it_per_s']:.1f} it/s), "
-              f"best val F1 {full['best_val_f1']:.3f} at iteration {full['best_iteration']} "
+              f"best val F1 {full['best_val_f1']:.3f} (AUC {full['best_val_auc']:.3f}) at iteration {full['best_iteration']} "
               f"(precision {full['precision']:.3f}, recall {full['recall']:.3f})")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

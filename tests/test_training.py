@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import numpy as np
 import pytest
 import torch
@@ -141,8 +142,8 @@ def small_cohort(tmp_path_factory):
 
 
 def test_finetune_fold_writes_a_checkpoint_that_reproduces_its_val_metrics(small_cohort, tmp_path):
-    # NOTE: a few steps only — this checks the loop's bookkeeping, not that the predictor learns
-    # (no setting reached a clearly-above-chance val F1 in a unit-test budget yet; see the training report)
+    # a few steps only: this checks the loop's bookkeeping (the saved checkpoint carries the recalibrated
+    # BatchNorm statistics and the prior-shifted bias it was validated with); learning is tested elsewhere
     from tfg_core.data.folds import fold_split
     from tfg_core.io import sha256_file
     from tfg_core.training.finetune import evaluate
@@ -153,7 +154,8 @@ def test_finetune_fold_writes_a_checkpoint_that_reproduces_its_val_metrics(small
     assert [h["iteration"] for h in result["history"]] == [3, 6]
     model, payload = load_predictor(out)
     best = payload["metrics"]
-    assert best == result["best"] and payload["config"]["iterations"] == 6 and payload["config"]["batch_size"] == 8
+    assert json.dumps(best, sort_keys=True) == json.dumps(result["best"], sort_keys=True)  # NaN-safe (AUC of one class)
+    assert payload["config"]["iterations"] == 6 and payload["config"]["batch_size"] == 8
     manifest, manifest_path = ensure_manifest(small_cohort)
     assert payload["manifest_sha256"] == sha256_file(manifest_path)
     val = load_slice_cases(small_cohort, manifest, fold_split(manifest, 0).val)

@@ -13,6 +13,8 @@ Each backbone normalises intensities inside ``forward``, so callers always pass 
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -47,10 +49,11 @@ def check_stacks(stacks: torch.Tensor, in_slices: int, input_size: int) -> None:
 class CamHead(nn.Module):
     """Global average pool → affine map to one logit; the affine map's weights define the CAM.
 
-    Because pooling and the affine map commute, ``cam(f).mean((1, 2)) + bias == forward(f)``:
-    the logit is exactly the spatial mean of the class activation map plus the bias.
-    Subclasses store the affine map as a 1×1 conv or a linear layer (to keep published layouts);
-    both expose ``weight`` (C,) and ``bias`` () so CAM code does not care which.
+    Because pooling and the affine map commute, ``pool_cam(cam(f)) + bias == forward(f)``:
+    the logit is exactly the pooled class activation map plus the bias (``pool_cam`` is the spatial mean
+    here; :class:`LseCamHead` pools with log-sum-exp instead). Subclasses store the affine map as a 1×1 conv
+    or a linear layer (to keep published layouts); both expose ``weight`` (C,) and ``bias`` () so CAM code
+    does not care which.
     """
 
     @property
@@ -68,6 +71,14 @@ class CamHead(nn.Module):
             features: pre-pool feature map (B, C, h, w), as seen by the ``feat`` hook.
         """
         return torch.einsum("bchw,c->bhw", features, self.weight)
+
+    def pool_cam(self, cam: torch.Tensor) -> torch.Tensor:
+        """The logit without its bias, from a CAM (B, h, w): the spatial mean for average-pooling heads.
+
+        Args:
+            cam: class activation map from :meth:`cam`.
+        """
+        return cam.mean(dim=(1, 2))
 
 
 class ConvCamHead(CamHead):
@@ -116,6 +127,42 @@ class LinearCamHead(CamHead):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.fc(self.pool(features).flatten(1)).flatten()
+
+
+class LseCamHead(CamHead):
+    """1×1 conv to a CAM first, then log-sum-exp pooling over space (Pinheiro & Collobert, CVPR 2015).
+
+    ``LSE_r(m) = log(mean(exp(r·m))) / r`` runs from the mean (r → 0) to the max (r → ∞). A nodule covers a
+    few cells of the feature map; under an average the evidence of those cells is divided by the map's
+    area and the classifier learns slowly and poorly, while an LSE logit follows the strongest cells and
+    keeps a gradient on every cell. The CAM stays exact: ``forward(f) == pool_cam(cam(f)) + bias``.
+
+    Args:
+        in_channels: channels of the feature map.
+        sharpness: r; larger is closer to max pooling.
+    """
+
+    def __init__(self, in_channels: int, sharpness: float = 5.0):
+        super().__init__()
+        if sharpness <= 0:
+            raise ValueError(f"sharpness must be > 0, got {sharpness}")
+        self.sharpness = float(sharpness)
+        self.conv = nn.Conv2d(in_channels, 1, kernel_size=1)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.conv.weight.flatten()
+
+    @property
+    def bias(self) -> torch.Tensor:
+        return self.conv.bias[0]
+
+    def pool_cam(self, cam: torch.Tensor) -> torch.Tensor:
+        r, flat = self.sharpness, cam.flatten(1)
+        return (torch.logsumexp(r * flat, dim=1) - math.log(flat.shape[1])) / r
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.pool_cam(self.cam(features)) + self.bias
 
 
 class Predictor(nn.Module):
