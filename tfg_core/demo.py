@@ -40,7 +40,29 @@ def shipped_predictor(fold: int) -> Path | None:
     return path if path.is_file() else None
 
 
-def segment_fold(root: Path, manifest: pd.DataFrame, annotations: pd.DataFrame, split, out: Path,
+def load_shipped_predictor(fold: int):
+    """Load the shipped tiny predictor of ``fold`` after checking its sha256 against ``assets.json``.
+
+    Args:
+        fold: held-out fold.
+    """
+    import json
+
+    from tfg_core.checkpoints import verify_sha256
+    from tfg_core.errors import CheckpointError
+    from tfg_core.training.checkpoint import load_predictor
+
+    path = shipped_predictor(fold)
+    manifest = ASSETS / "assets.json"
+    entry = json.loads(manifest.read_text()).get(path.name) if path is not None and manifest.is_file() else None
+    if entry is None:
+        raise CheckpointError(f"no shipped predictor for fold {fold} listed in {manifest}; "
+                              f"retrain it with `python scripts/train_tiny_predictors.py --folds {fold}`")
+    verify_sha256(path, entry["sha256"])
+    return load_predictor(path)[0]
+
+
+def segment_fold(root: Path, manifest: pd.DataFrame, annotations: pd.DataFrame, split, out: Path, predictor=None,
                  config=None, progress: bool = True) -> pd.DataFrame | None:
     """Guided segmentation of the held-out fold with the shipped assets; None when they are missing.
 
@@ -50,12 +72,12 @@ def segment_fold(root: Path, manifest: pd.DataFrame, annotations: pd.DataFrame, 
         annotations: its annotations.
         split: the fold split.
         out: output folder (rows CSV, NIfTI, figure).
+        predictor: the fold's fine-tuned predictor (None: the demo has none for this fold).
         config: guidance parameters (default :class:`tfg_core.guidance.GuidanceConfig`).
         progress: progress bars.
     """
-    ckpt = shipped_predictor(split.fold)
     flow_path = ASSETS / "demo_flow.pt"
-    if ckpt is None or not flow_path.is_file():
+    if predictor is None or not flow_path.is_file():
         missing = [p.name for p in (ASSETS / f"tiny_predictor_fold{split.fold}.pt", flow_path) if not p.is_file()]
         print(f"guided segmentation skipped: no shipped {', '.join(missing)} in {ASSETS} yet")
         return None
@@ -64,9 +86,7 @@ def segment_fold(root: Path, manifest: pd.DataFrame, annotations: pd.DataFrame, 
     from tfg_core.flow.demo import load_demo_flow
     from tfg_core.guidance import GuidanceConfig
     from tfg_core.segment import on_scan
-    from tfg_core.training.checkpoint import load_predictor
     flow = load_demo_flow()
-    predictor, _ = load_predictor(ckpt)
     config = config if config is not None else GuidanceConfig()
     shown = []
 
@@ -111,10 +131,9 @@ def run_demo(out: str | os.PathLike = "outputs/demo", fold: int = 0, cohort: str
     predictor = None
     ckpt = shipped_predictor(fold)
     if ckpt is not None:
-        from tfg_core.training.checkpoint import load_predictor
         from tfg_core.training.finetune import predict_slices
 
-        predictor, _ = load_predictor(ckpt)
+        predictor = load_shipped_predictor(fold)
     out.mkdir(parents=True, exist_ok=True)
 
     records, cases = [], []
@@ -145,7 +164,7 @@ def run_demo(out: str | os.PathLike = "outputs/demo", fold: int = 0, cohort: str
           f"{int(table['n_nodules'].sum())} nodules in the test fold; "
           f"predictor: {ckpt.name if ckpt else 'none shipped yet'}; {time.perf_counter() - started:.1f} s")
     print(f"wrote {out / f'fold{fold}_cases.csv'} and {figure}")
-    segment_fold(root, manifest, annotations, split, out, progress=progress)
+    segment_fold(root, manifest, annotations, split, out, predictor=predictor, progress=progress)
     print(f"total {time.perf_counter() - started:.1f} s")
     return table
 
