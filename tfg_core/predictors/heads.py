@@ -129,8 +129,9 @@ class LinearCamHead(CamHead):
         return self.fc(self.pool(features).flatten(1)).flatten()
 
 
-class LseCamHead(CamHead):
-    """1×1 conv to a CAM first, then log-sum-exp pooling over space (Pinheiro & Collobert, CVPR 2015).
+class LseCamHead(ConvCamHead):
+    """The 1×1 conv of :class:`ConvCamHead` applied first, then log-sum-exp pooling of the CAM over space
+    (Pinheiro & Collobert, CVPR 2015); same state-dict keys as :class:`ConvCamHead`.
 
     ``LSE_r(m) = log(mean(exp(r·m))) / r`` runs from the mean (r → 0) to the max (r → ∞). A nodule covers a
     few cells of the feature map; under an average the evidence of those cells is divided by the map's
@@ -143,19 +144,11 @@ class LseCamHead(CamHead):
     """
 
     def __init__(self, in_channels: int, sharpness: float = 5.0):
-        super().__init__()
+        super().__init__(in_channels)
         if sharpness <= 0:
             raise ValueError(f"sharpness must be > 0, got {sharpness}")
         self.sharpness = float(sharpness)
-        self.conv = nn.Conv2d(in_channels, 1, kernel_size=1)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.conv.weight.flatten()
-
-    @property
-    def bias(self) -> torch.Tensor:
-        return self.conv.bias[0]
+        self.pool = None  # pooling happens after the conv, in pool_cam
 
     def pool_cam(self, cam: torch.Tensor) -> torch.Tensor:
         r, flat = self.sharpness, cam.flatten(1)
