@@ -188,7 +188,7 @@ def finetune(
     torch.manual_seed(config.seed)
     device = torch.device(device)
     model = build_predictor(config.backbone, in_slices=config.n_slices, pretrained_path=config.pretrained_path).to(device)
-    model = model.to(memory_format=torch.channels_last)  # ≈1.3× faster convolutions on CPU (measured), and on GPU
+    model = model.to(memory_format=torch.channels_last)  # 1.3× faster training step on CPU (measured, tiny)
     size = int(model.input_size)
     sampler = BalancedSliceSampler(train_cases, seed=config.seed)
     bank = SliceBank(train_cases, size=size, n_slices=config.n_slices)
