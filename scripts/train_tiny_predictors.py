@@ -27,7 +27,7 @@ from tfg_core.training.run import ensure_manifest, finetune_fold, load_slice_cas
 ASSETS = Path(__file__).resolve().parents[1] / "tfg_core" / "assets"
 
 
-def test_slice_metrics(root: Path, fold: int, checkpoint: Path) -> dict[str, float]:
+def held_out_slice_metrics(root: Path, fold: int, checkpoint: Path) -> dict[str, float]:
     """Slice-level F1 (at p = 0.5) and AUC of a fold's checkpoint on that fold's held-out test scans."""
     manifest, _ = ensure_manifest(root)
     cases = load_slice_cases(root, manifest, fold_split(manifest, fold).test)
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         result = finetune_fold(args.root, fold, "tiny", out=args.out_dir / name, progress=False, seed=0,
                                iterations=args.iterations)
         best = result["best"]
-        test = test_slice_metrics(args.root, fold, args.out_dir / name)
+        test = held_out_slice_metrics(args.root, fold, args.out_dir / name)
         entries[name] = {
             "sha256": sha256_file(args.out_dir / name),
             "command": f"python scripts/train_tiny_predictors.py --folds {fold}"
