@@ -2,11 +2,12 @@
 
 Phantom nodules are a few voxels across (5.5 mm in-plane voxels) and look like vessel cross-sections
 in any single slice; what tells them apart is a small bright blob that starts and ends within the
-9-slice stack. Three choices follow, each measured on phantom fold 0 (see ``benchmarks/bench_finetune.py``
-and the #3 notes in the README):
+9-slice stack. Three choices follow, each found in development runs on phantom fold 0 (the design before
+them, a strided stem with a mean-pooled head, stayed near chance); ``tests/test_tiny_assets.py`` fine-tunes
+fold 0 with the defaults and checks the result:
 
 - the first convolution runs at full resolution: a strided stem mixes a one-voxel nodule with its
-  surroundings before any feature sees it (the earlier strided design never passed ~0.85 validation AUC);
+  surroundings before any feature sees it;
 - downsampling by max pooling, which keeps a small bright response instead of averaging it away;
 - an LSE-pooled CAM head (:class:`~tfg_core.predictors.heads.LseCamHead`): a nodule covers a few cells
   of the 16×16 map, so a mean over the map drowns it.

@@ -24,6 +24,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.swa_utils import update_bn
 
 
 def prior_logit(labels: np.ndarray) -> float:
@@ -58,29 +59,20 @@ def bias_shifted(model: nn.Module, delta: float) -> Iterator[nn.Module]:
             bias.copy_(saved)
 
 
-@torch.no_grad()
 def recalibrate_batchnorm(model: nn.Module, batches: Callable[[], torch.Tensor], n_batches: int) -> int:
     """Replace every BatchNorm layer's running statistics by their exact average over ``n_batches`` batches.
 
-    The model is run in training mode (batch statistics) without gradients; its training flag and each
-    layer's momentum are restored afterwards. Returns the number of BatchNorm layers recalibrated.
+    A thin wrapper of ``torch.optim.swa_utils.update_bn`` (training-mode forward passes without gradients,
+    cumulative averages; the training flag and each layer's momentum restored afterwards) that draws its
+    batches from a callable. Returns the number of BatchNorm layers recalibrated.
 
     Args:
         model: any module.
         batches: returns one input batch per call (e.g. augmented training stacks).
         n_batches: how many batches to average over; 0 leaves the model untouched.
     """
-    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if n_batches <= 0 or not layers:
         return 0
-    was_training, momenta = model.training, [m.momentum for m in layers]
-    for m in layers:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average instead of an exponential one
-    model.train()
-    for _ in range(n_batches):
-        model(batches())
-    for m, momentum in zip(layers, momenta):
-        m.momentum = momentum
-    model.train(was_training)
+    update_bn((batches() for _ in range(n_batches)), model)
     return len(layers)
