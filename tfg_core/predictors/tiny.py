@@ -26,7 +26,7 @@ from tfg_core.predictors.heads import LseCamHead, Predictor
 
 IMAGE_SIZE = 64
 CHANNELS = (32, 48, 64)
-ACT = "SWISH"  # MONAI's name for SiLU
+ACT = (nn.SiLU, {})  # fused SiLU; MONAI's "SWISH" (x·sigmoid(x), same function) costs 3 ops and 2× the time on CPU
 NORM = "BATCH"
 LSE_SHARPNESS = 5.0
 
