@@ -15,9 +15,13 @@ def test_demo_runs_on_the_embedded_default(tmp_path, capsys):
     assert (tmp_path / "phantom" / "annotations.csv").is_file()
     printed = capsys.readouterr().out
     assert "fold 2: 80 train / 10 val / 10 test scans" in printed
-    # a rerun reuses the cohort and rewrites the same table
-    assert main(["demo", "--out", str(out), "--fold", "2", "--quiet"]) == 0
+    # a rerun reuses the cohort and rewrites the same table; several folds add a pooled summary
+    assert main(["demo", "--out", str(out), "--fold", "2", "3", "--quiet"]) == 0
     assert pd.read_csv(out / "fold2_cases.csv").equals(table)
+    pooled = pd.read_csv(out / "all_folds_results.csv")
+    assert set(pooled.fold) == {2, 3} and set(pooled.method) == {"tfg", "no_prior", "unguided"}
+    assert len(pooled) == 3 * 20  # one row per (test scan, method)
+    assert "all 2 folds (2, 3)" in capsys.readouterr().out
 
 
 def test_cli_reports_data_errors_without_traceback(tmp_path, capsys):

@@ -215,7 +215,7 @@ def test_compare_to_input(detector, image):
 def test_a_guided_step_is_algorithm_1(detector, image):
     """z_next = z - eta * d loss / d z0_hat + v(z) (t_from - t_to)/1000, with the loss recomputed independently."""
     flow = toy_flow()
-    trajectory = states(flow, detector, image, strength=0.7, guided_steps=1)
+    trajectory = states(flow, detector, image, strength=0.7, guided_steps=1, loss="bce")
     before, step = trajectory[6], trajectory[7]
     assert before.phase == "invert" and step.phase == "guided"
     z, t_from, t_to = before.z, torch.tensor(step.t_prev), torch.tensor(step.t)

@@ -38,9 +38,10 @@ def _finetune(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from tfg_core.demo import run_demo
+    from tfg_core.demo import run_demo_folds
+    from tfg_core.guidance import GuidanceConfig
 
-    run_demo(out=args.out, fold=args.fold, progress=not args.quiet)
+    run_demo_folds(args.fold, out=args.out, config=GuidanceConfig(loss=args.loss), progress=not args.quiet)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,7 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="run the pipeline on the embedded phantom cohort (CPU, no downloads)")
     p.add_argument("--out", type=Path, default=Path("outputs/demo"), help="output folder")
-    p.add_argument("--fold", type=int, default=0, help="held-out LUNA16-style fold (0-9)")
+    p.add_argument("--fold", type=int, nargs="+", default=[0],
+                   help="held-out LUNA16-style fold(s) 0-9; several print a pooled summary too")
+    p.add_argument("--loss", choices=("logit", "bce"), default="logit",
+                   help="guidance loss: raw logit (default, measured) or the paper's BCE towards 0")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_demo)
 

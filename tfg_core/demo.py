@@ -110,13 +110,16 @@ def segment_fold(root: Path, manifest: pd.DataFrame, annotations: pd.DataFrame, 
 
 
 def run_demo(out: str | os.PathLike = "outputs/demo", fold: int = 0, cohort: str | os.PathLike | None = None,
-             progress: bool = True) -> pd.DataFrame:
-    """Run the demo on one held-out phantom fold and write a table and a figure.
+             config=None, progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """Run the demo on one held-out phantom fold and write a table and figures.
+
+    Returns the per-scan data table and the segmentation rows (None when no predictor is shipped for the fold).
 
     Args:
         out: output folder.
         fold: held-out fold (LUNA16 subset) 0–9.
         cohort: where the phantom tree lives (default ``<out>/../phantom``).
+        config: guidance parameters (:class:`tfg_core.guidance.GuidanceConfig`; None = its defaults).
         progress: progress bars.
     """
     started = time.perf_counter()
@@ -164,9 +167,34 @@ def run_demo(out: str | os.PathLike = "outputs/demo", fold: int = 0, cohort: str
           f"{int(table['n_nodules'].sum())} nodules in the test fold; "
           f"predictor: {ckpt.name if ckpt else 'none shipped yet'}; {time.perf_counter() - started:.1f} s")
     print(f"wrote {out / f'fold{fold}_cases.csv'} and {figure}")
-    segment_fold(root, manifest, annotations, split, out, predictor=predictor, progress=progress)
+    seg_rows = segment_fold(root, manifest, annotations, split, out, predictor=predictor, config=config,
+                            progress=progress)
     print(f"total {time.perf_counter() - started:.1f} s")
-    return table
+    return table, seg_rows
+
+
+def run_demo_folds(folds: list[int], out: str | os.PathLike = "outputs/demo", config=None,
+                   progress: bool = True) -> pd.DataFrame | None:
+    """:func:`run_demo` for several held-out folds, then one summary over all their test scans.
+
+    Writes ``all_folds_results.csv`` (the tidy rows of every fold) and prints the pooled summary.
+
+    Args:
+        folds: held-out folds.
+        out: output folder.
+        config: guidance parameters (None = :class:`tfg_core.guidance.GuidanceConfig` defaults).
+        progress: progress bars.
+    """
+    from tfg_core.evaluate import summarise
+
+    rows = [seg for _, seg in (run_demo(out, fold, config=config, progress=progress) for fold in folds) if seg is not None]
+    if len(folds) < 2 or not rows:
+        return rows[0] if rows else None
+    pooled = pd.concat(rows, ignore_index=True)
+    atomic_write_text(Path(out) / "all_folds_results.csv", pooled.to_csv(index=False))
+    print(f"\nall {len(folds)} folds ({', '.join(map(str, folds))}), test scans with nodules:")
+    print(summarise(pooled).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    return pooled
 
 
 def _segmentation_figure(shown, path: Path, max_cases: int = 6) -> None:
