@@ -53,7 +53,7 @@ class GuidanceConfig:
         loss: ``"logit"`` (the raw logit, which does not saturate) or ``"bce"`` (BCE towards 0, the paper's).
             The default is measured: on the demo (phantom folds 0-3, shipped flow and predictors) BCE fell to
             p ~ 0.02 after one strength-4 step so later guided steps did almost nothing, and the logit loss gave
-            the higher mean Dice (see the README's demo section).
+            the higher mean Dice (README, Status: `tfg demo --fold 0 1 2 3 --loss bce` repeats it).
         reduction: ``"mean"`` or ``"sum"`` of the per-slice losses.
         positive_threshold: a slice is positive when ``sigmoid(logit) >= positive_threshold``.
         slice_batch: stacks per predictor call (memory).
