@@ -187,7 +187,11 @@ def run_demo_folds(folds: list[int], out: str | os.PathLike = "outputs/demo", co
     """
     from tfg_core.evaluate import summarise
 
-    rows = [seg for _, seg in (run_demo(out, fold, config=config, progress=progress) for fold in folds) if seg is not None]
+    rows = []
+    for fold in folds:
+        _, seg = run_demo(out, fold, config=config, progress=progress)
+        if seg is not None:  # None: no predictor shipped for this fold
+            rows.append(seg)
     if len(folds) < 2 or not rows:
         return rows[0] if rows else None
     pooled = pd.concat(rows, ignore_index=True)

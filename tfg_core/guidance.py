@@ -53,7 +53,8 @@ class GuidanceConfig:
         loss: ``"logit"`` (the raw logit, which does not saturate) or ``"bce"`` (BCE towards 0, the paper's).
             The default is measured on the demo (shipped flow and predictors): on a 25.7 mm nodule the BCE fell
             from 2.4 to 0.05 after one strength-4 step, so later guided steps did almost nothing, and over phantom
-            folds 0-3 the logit loss gave the higher mean Dice (README, Status: `tfg demo --fold 0 1 2 3 --loss bce` repeats it).
+            folds 0-3 the logit loss gave the higher mean Dice (README, Status; repeat it with
+            ``tfg demo --fold 0 1 2 3 --loss bce``).
         reduction: ``"mean"`` or ``"sum"`` of the per-slice losses.
         positive_threshold: a slice is positive when ``sigmoid(logit) >= positive_threshold``.
         slice_batch: stacks per predictor call (memory).
