@@ -7,7 +7,8 @@ from tfg_core.cli import main
 
 def test_demo_runs_on_the_embedded_default(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--fold", "2", "--quiet"]) == 0
+    # cheap methods only: Score-CAM and IG add minutes per fold on two cores (the default runs them too)
+    assert main(["demo", "--out", str(out), "--fold", "2", "--methods", "tfg", "unguided", "cam", "--quiet"]) == 0
     table = pd.read_csv(out / "fold2_cases.csv")
     assert len(table) == 10 and set(table.fold) == {2}
     assert (table.positive_slices > 0).sum() == (table.n_nodules > 0).sum()  # labels follow the ground truth
@@ -15,13 +16,27 @@ def test_demo_runs_on_the_embedded_default(tmp_path, capsys):
     assert (tmp_path / "phantom" / "annotations.csv").is_file()
     printed = capsys.readouterr().out
     assert "fold 2: 80 train / 10 val / 10 test scans" in printed
-    # a rerun reuses the cohort and rewrites the same table; several folds add a pooled summary
-    assert main(["demo", "--out", str(out), "--fold", "2", "3", "--quiet"]) == 0
+    assert (out / "fold2_methods.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table1 = (out / "report" / "table1.md").read_text()
+    assert "TFG (ours)" in table1 and "CAM" in table1 and "tiny (CPU demo)" in table1
+    # a rerun reuses the cohort and rewrites the same table; several folds are pooled in one report
+    assert main(["demo", "--out", str(out), "--fold", "2", "3", "--methods", "tfg", "gradcam", "--quiet"]) == 0
     assert pd.read_csv(out / "fold2_cases.csv").equals(table)
     pooled = pd.read_csv(out / "all_folds_results.csv")
-    assert set(pooled.fold) == {2, 3} and set(pooled.method) == {"tfg", "no_prior", "unguided"}
-    assert len(pooled) == 3 * 20  # one row per (test scan, method)
-    assert "all 2 folds (2, 3)" in capsys.readouterr().out
+    assert set(pooled.fold) == {2, 3} and set(pooled.method) == {"tfg", "gradcam"}
+    assert len(pooled) == 2 * 20  # one row per (test scan, method)
+    assert (pooled.seconds >= 0).all()
+    aggregate = pd.read_csv(out / "report" / "aggregate.csv").set_index("method")
+    assert aggregate.loc["gradcam", "n_pairs"] == aggregate.loc["tfg", "n"]  # paired over the same scans
+    assert "folds 2, 3" in capsys.readouterr().out
+
+
+def test_cli_method_names_are_the_evaluation_methods():
+    from tfg_core.cli import ALL_DEMO_METHODS
+    from tfg_core.demo import DEFAULT_METHODS
+    from tfg_core.evaluate import ALL_METHODS
+
+    assert set(ALL_DEMO_METHODS) == set(ALL_METHODS) and set(DEFAULT_METHODS) < set(ALL_METHODS)
 
 
 def test_cli_reports_data_errors_without_traceback(tmp_path, capsys):

@@ -9,6 +9,9 @@ from typing import Sequence
 
 from tfg_core.errors import TfgError
 
+# = tfg_core.evaluate.ALL_METHODS (a test keeps them equal); spelled out so `tfg --help` needs no torch import
+ALL_DEMO_METHODS = ("tfg", "no_prior", "unguided", "cam", "gradcam", "scorecam", "ig", "weakmedsam")
+
 
 def _phantom(args: argparse.Namespace) -> None:
     from tfg_core.data.phantom import PhantomConfig, write_cohort
@@ -41,7 +44,9 @@ def _demo(args: argparse.Namespace) -> None:
     from tfg_core.demo import run_demo_folds
     from tfg_core.guidance import GuidanceConfig
 
-    run_demo_folds(args.fold, out=args.out, config=GuidanceConfig(loss=args.loss), progress=not args.quiet)
+    methods = None if args.methods is None else (ALL_DEMO_METHODS if "all" in args.methods else args.methods)
+    run_demo_folds(args.fold, out=args.out, config=GuidanceConfig(loss=args.loss), methods=methods,
+                   progress=not args.quiet)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="held-out LUNA16-style fold(s) 0-9; several print a pooled summary too")
     p.add_argument("--loss", choices=("logit", "bce"), default="logit",
                    help="guidance loss: raw logit (default, measured) or the paper's BCE towards 0")
+    p.add_argument("--methods", nargs="+", default=None, metavar="METHOD", choices=(*ALL_DEMO_METHODS, "all"),
+                   help="methods to run: " + " ".join(ALL_DEMO_METHODS) + " or all (default: all but weakmedsam, "
+                        "whose LiteMedSAM encoder costs seconds per slice on a CPU; tfg and unguided share one run)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_demo)
 

@@ -5,7 +5,10 @@
 2. with the shipped demo flow and the fold's fine-tuned tiny predictor: guided segmentation of the held-out
    fold — TFG, the no-prior ablation (same classifier steps, velocity 0) and the unguided difference — with
    thresholds calibrated on the fold's validation scans, Dice / MSD per scan, NIfTI masks in the scans'
-   geometry and a figure (input / counterfactual / difference / ground truth).
+   geometry and a figure (input / counterfactual / difference / ground truth);
+3. the baselines on the same predictor and protocol (CAM, Grad-CAM, Score-CAM, Integrated Gradients, WeakMedSAM
+   with LiteMedSAM's real prompt encoder and decoder), a side-by-side figure, and the paper's Table 1 layout over
+   the folds run (``report/``).
 Results are written atomically under ``out``; a rerun reuses the cohort.
 """
 
@@ -14,6 +17,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -28,6 +32,9 @@ from tfg_core.training.run import ensure_manifest
 from tfg_core.training.slice_data import slice_case_from
 
 ASSETS = Path(__file__).resolve().parent / "assets"
+_FIGURE_ORDER = ("tfg", "no_prior", "cam", "gradcam", "scorecam", "ig", "weakmedsam", "unguided")
+# WeakMedSAM is opt-in here: LiteMedSAM's encoder takes seconds per 256×256 slice on a CPU (benchmarks/bench_baselines.py)
+DEFAULT_METHODS = ("tfg", "no_prior", "unguided", "cam", "gradcam", "scorecam", "ig")
 
 
 def shipped_predictor(fold: int) -> Path | None:
@@ -63,7 +70,7 @@ def load_shipped_predictor(fold: int):
 
 
 def segment_fold(root: Path, manifest: pd.DataFrame, annotations: pd.DataFrame, split, out: Path, predictor=None,
-                 config=None, progress: bool = True) -> pd.DataFrame | None:
+                 config=None, methods: Sequence[str] | None = None, progress: bool = True) -> pd.DataFrame | None:
     """Guided segmentation of the held-out fold with the shipped assets; None when they are missing.
 
     Args:
@@ -74,6 +81,7 @@ def segment_fold(root: Path, manifest: pd.DataFrame, annotations: pd.DataFrame, 
         out: output folder (rows CSV, NIfTI, figure).
         predictor: the fold's fine-tuned predictor (None: the demo has none for this fold).
         config: guidance parameters (default :class:`tfg_core.guidance.GuidanceConfig`).
+        methods: methods to run (default :data:`DEFAULT_METHODS`).
         progress: progress bars.
     """
     flow_path = ASSETS / "demo_flow.pt"
@@ -86,8 +94,10 @@ def segment_fold(root: Path, manifest: pd.DataFrame, annotations: pd.DataFrame, 
     from tfg_core.flow.demo import load_demo_flow
     from tfg_core.guidance import GuidanceConfig
     from tfg_core.segment import on_scan
+    from tfg_core.viz.comparison import method_comparison_figure
     flow = load_demo_flow()
     config = config if config is not None else GuidanceConfig()
+    methods = tuple(methods) if methods is not None else DEFAULT_METHODS
     shown = []
 
     def keep(prepared, maps, masks):
@@ -97,12 +107,17 @@ def segment_fold(root: Path, manifest: pd.DataFrame, annotations: pd.DataFrame, 
         if prepared.gt_grid.any():
             shown.append((prepared, maps, masks))
 
-    rows, thresholds = evaluate_fold(root, manifest, annotations, split, flow, predictor, config,
+    rows, thresholds = evaluate_fold(root, manifest, annotations, split, flow, predictor, config, methods=methods,
                                      backbone="tiny", experiment="demo", on_test_case=keep, progress=progress)
     atomic_write_text(out / f"fold{split.fold}_results.csv", rows.to_csv(index=False))
-    atomic_write_with(out / f"fold{split.fold}_segmentation.png", lambda tmp: _segmentation_figure(shown, tmp))
+    if "tfg" in methods:
+        atomic_write_with(out / f"fold{split.fold}_segmentation.png", lambda tmp: _segmentation_figure(shown, tmp))
+    figure_rows = [(p.uid.rsplit(".", 1)[-1], p.grid.array, p.gt_grid, m) for p, _, m in shown[:6]]
+    atomic_write_with(out / f"fold{split.fold}_methods.png",
+                      lambda tmp: method_comparison_figure(figure_rows, [m for m in _FIGURE_ORDER if m in methods], tmp))
     summary = summarise(rows)
     summary["threshold"] = summary.method.map(thresholds)
+    summary["seconds_per_scan"] = summary.method.map(rows.groupby("method").seconds.mean())
     print(f"\nguided segmentation, fold {split.fold} test scans with nodules "
           f"(thresholds calibrated on the {len(split.val)} validation scans):")
     print(summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
@@ -110,7 +125,8 @@ def segment_fold(root: Path, manifest: pd.DataFrame, annotations: pd.DataFrame, 
 
 
 def run_demo(out: str | os.PathLike = "outputs/demo", fold: int = 0, cohort: str | os.PathLike | None = None,
-             config=None, progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+             config=None, methods: Sequence[str] | None = None,
+             progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     """Run the demo on one held-out phantom fold and write a table and figures.
 
     Returns the per-scan data table and the segmentation rows (None when no predictor is shipped for the fold).
@@ -120,6 +136,7 @@ def run_demo(out: str | os.PathLike = "outputs/demo", fold: int = 0, cohort: str
         fold: held-out fold (LUNA16 subset) 0–9.
         cohort: where the phantom tree lives (default ``<out>/../phantom``).
         config: guidance parameters (:class:`tfg_core.guidance.GuidanceConfig`; None = its defaults).
+        methods: methods to run (None: :data:`DEFAULT_METHODS`).
         progress: progress bars.
     """
     started = time.perf_counter()
@@ -168,36 +185,40 @@ def run_demo(out: str | os.PathLike = "outputs/demo", fold: int = 0, cohort: str
           f"predictor: {ckpt.name if ckpt else 'none shipped yet'}; {time.perf_counter() - started:.1f} s")
     print(f"wrote {out / f'fold{fold}_cases.csv'} and {figure}")
     seg_rows = segment_fold(root, manifest, annotations, split, out, predictor=predictor, config=config,
-                            progress=progress)
+                            methods=methods, progress=progress)
     print(f"total {time.perf_counter() - started:.1f} s")
     return table, seg_rows
 
 
 def run_demo_folds(folds: list[int], out: str | os.PathLike = "outputs/demo", config=None,
-                   progress: bool = True) -> pd.DataFrame | None:
-    """:func:`run_demo` for several held-out folds, then one summary over all their test scans.
+                   methods: Sequence[str] | None = None, progress: bool = True) -> pd.DataFrame | None:
+    """:func:`run_demo` for several held-out folds, then one report over all their test scans.
 
-    Writes ``all_folds_results.csv`` (the tidy rows of every fold) and prints the pooled summary.
+    Writes ``all_folds_results.csv`` (the tidy rows of every fold run) and ``report/`` (the paper's Table 1
+    layout as markdown and CSV, and the aggregate with paired Wilcoxon tests against TFG) and prints the table.
 
     Args:
         folds: held-out folds.
         out: output folder.
         config: guidance parameters (None = :class:`tfg_core.guidance.GuidanceConfig` defaults).
+        methods: methods to run (None: :data:`DEFAULT_METHODS`).
         progress: progress bars.
     """
-    from tfg_core.evaluate import summarise
+    from tfg_core.report import write_report
 
     rows = []
     for fold in folds:
-        _, seg = run_demo(out, fold, config=config, progress=progress)
+        _, seg = run_demo(out, fold, config=config, methods=methods, progress=progress)
         if seg is not None:  # None: no predictor shipped for this fold
             rows.append(seg)
-    if len(folds) < 2 or not rows:
-        return rows[0] if rows else None
+    if not rows:
+        return None
     pooled = pd.concat(rows, ignore_index=True)
     atomic_write_text(Path(out) / "all_folds_results.csv", pooled.to_csv(index=False))
-    print(f"\nall {len(folds)} folds ({', '.join(map(str, folds))}), test scans with nodules:")
-    print(summarise(pooled).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    title = f"Phantom cohort, tiny predictor, folds {', '.join(map(str, folds))}"
+    paths = write_report(pooled, Path(out) / "report", title=title)
+    print("\n" + paths["table1_md"].read_text())
+    print(f"wrote {Path(out) / 'all_folds_results.csv'} and {paths['table1_md']}")
     return pooled
 
 
@@ -214,7 +235,7 @@ def _segmentation_figure(shown, path: Path, max_cases: int = 6) -> None:
         gt = prepared.gt_grid
         z = int(np.argmax(gt.sum(axis=(1, 2))))
         panels = [prepared.grid.array[z], maps["_counterfactual"][z], maps["tfg"][z], masks["tfg"][z],
-                  masks["no_prior"][z], gt[z]]
+                  masks.get("no_prior", np.zeros_like(gt))[z], gt[z]]
         for col, (ax, img) in enumerate(zip(axes[row], panels)):
             ax.imshow(img, cmap="magma" if col == 2 else "gray", vmin=0, vmax=None if col == 2 else 1)
             if col >= 3:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Mapping, Sequence
 
@@ -18,16 +19,18 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from tfg_core.baselines import BASELINES, BaselineConfig, WeakMedSam, baseline_map
 from tfg_core.data.cases import Case, load_case
 from tfg_core.data.preprocess import mask_to_model_grid, to_model_grid, to_scan_grid
 from tfg_core.data.volume import Volume
 from tfg_core.flow.base import FlowModel
 from tfg_core.flow.noprior import NoPriorFlow
 from tfg_core.guidance import GuidanceConfig, run_guidance
-from tfg_core.metrics import case_metrics
+from tfg_core.metrics import case_metrics, peak_distance_mm
 from tfg_core.segment import calibrate_threshold, segment
 
-METHODS = ("tfg", "no_prior", "unguided")
+METHODS = ("tfg", "no_prior", "unguided")  # the guidance and its two ablations
+ALL_METHODS = METHODS + BASELINES
 
 
 @dataclass
@@ -63,11 +66,14 @@ def prepare(case: Case) -> PreparedCase:
 
 
 def difference_maps(prepared: PreparedCase, flow: FlowModel, predictor: torch.nn.Module, config: GuidanceConfig,
-                    methods: Sequence[str] = METHODS) -> dict[str, np.ndarray]:
-    """Difference maps of the requested methods for one scan.
+                    methods: Sequence[str] = METHODS, baseline_config: BaselineConfig | None = None,
+                    weakmedsam: WeakMedSam | None = None, seconds: dict[str, float] | None = None,
+                    ) -> dict[str, np.ndarray]:
+    """Maps of the requested methods for one scan, all on the model grid.
 
     ``tfg``: |guided − unguided reconstruction| (shared inversion); ``unguided``: |unguided reconstruction − input|
-    (what the prior alone changes); ``no_prior``: the same classifier steps applied to the image (velocity 0).
+    (what the prior alone changes); ``no_prior``: the same classifier steps applied to the image (velocity 0);
+    any of :data:`tfg_core.baselines.BASELINES`: that attribution map of the same predictor.
 
     Args:
         prepared: the scan on the model grid.
@@ -75,17 +81,32 @@ def difference_maps(prepared: PreparedCase, flow: FlowModel, predictor: torch.nn
         predictor: slice classifier in eval mode.
         config: guidance parameters (shared by ``tfg`` and ``no_prior``).
         methods: which maps to compute.
+        baseline_config: baseline parameters.
+        weakmedsam: prepared WeakMedSAM refiner (needed when ``"weakmedsam"`` is requested).
+        seconds: when given, filled with each method's wall time (the shared guided run counts for ``tfg``).
     """
+    unknown = sorted(set(methods) - set(ALL_METHODS))
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; expected some of {ALL_METHODS}")
     x = torch.as_tensor(prepared.grid.array, dtype=torch.float32)
     maps: dict[str, np.ndarray] = {}
+    timer = seconds if seconds is not None else {}
+    started = time.perf_counter()
     if "tfg" in methods or "unguided" in methods:
         result = run_guidance(flow, predictor, x, config)
         maps["tfg"] = result.difference.numpy()
         maps["unguided"] = (result.x_reference - result.x_input).abs().numpy()
         maps["_counterfactual"] = result.x_counterfactual.numpy()
         maps["_reference"] = result.x_reference.numpy()
+        timer["tfg"] = timer["unguided"] = time.perf_counter() - started
     if "no_prior" in methods:
+        started = time.perf_counter()
         maps["no_prior"] = run_guidance(NoPriorFlow(), predictor, x, config).difference.numpy()
+        timer["no_prior"] = time.perf_counter() - started
+    for name in (m for m in methods if m in BASELINES):
+        started = time.perf_counter()
+        maps[name] = baseline_map(name, predictor, x, baseline_config, weakmedsam)
+        timer[name] = time.perf_counter() - started
     return maps
 
 
@@ -113,6 +134,8 @@ def evaluate_fold(
     experiment: str = "demo",
     on_test_case: Callable[[PreparedCase, dict[str, np.ndarray], dict[str, np.ndarray]], None] | None = None,
     progress: bool = False,
+    baseline_config: BaselineConfig | None = None,
+    weakmedsam: WeakMedSam | None = None,
 ) -> tuple[pd.DataFrame, dict[str, float]]:
     """Calibrate thresholds on ``split.val`` and score ``split.test`` for each method.
 
@@ -124,15 +147,22 @@ def evaluate_fold(
         flow: the rectified-flow prior.
         predictor: fine-tuned slice classifier (eval mode).
         config: guidance parameters.
-        methods: which methods to run.
+        methods: which methods to run (:data:`ALL_METHODS`).
         threshold_mode: ``"calibrated"`` (validation Dice) or ``"otsu"`` (label-free, per scan, inside the lung).
         min_component_voxels: post-processing: drop smaller components (model-grid voxels).
         backbone: predictor name for the rows.
         experiment: experiment name for the rows.
         on_test_case: called with (prepared case, maps, masks on the model grid) for each test scan (figures, NIfTI).
         progress: progress bars.
+        baseline_config: baseline parameters (defaults of :class:`~tfg_core.baselines.BaselineConfig`).
+        weakmedsam: WeakMedSAM refiner for ``predictor``; built from LiteMedSAM's weights when needed and None.
     """
     config = config if config is not None else GuidanceConfig()
+    if "weakmedsam" in methods and weakmedsam is None:
+        pam = baseline_config.pam if baseline_config is not None else None
+        weakmedsam = WeakMedSam.from_litemedsam(predictor, config=pam)
+    compute = lambda prepared, seconds=None: difference_maps(  # noqa: E731
+        prepared, flow, predictor, config, methods, baseline_config, weakmedsam, seconds)
     rows_by_uid = manifest.set_index("seriesuid", drop=False)
     load = lambda uid: prepare(load_case(root, rows_by_uid.loc[uid], annotations))  # noqa: E731
 
@@ -142,7 +172,7 @@ def evaluate_fold(
         gts, lungs = [], []
         for uid in tqdm(split.val, disable=not progress, desc=f"fold {split.fold} validation"):
             prepared = load(uid)
-            maps = difference_maps(prepared, flow, predictor, config, methods)
+            maps = compute(prepared)
             for m in methods:
                 val_maps[m].append(maps[m])
             gts.append(prepared.gt_grid)
@@ -152,12 +182,14 @@ def evaluate_fold(
     elif threshold_mode != "otsu":
         raise ValueError(f"threshold_mode must be 'calibrated' or 'otsu', got {threshold_mode!r}")
 
-    params = {"guidance": asdict(config), "threshold_mode": threshold_mode, "min_component_voxels": min_component_voxels}
+    params = {"guidance": asdict(config), "threshold_mode": threshold_mode, "min_component_voxels": min_component_voxels,
+              "baselines": asdict(baseline_config or BaselineConfig())}
     phash = params_hash(params)
     rows = []
     for uid in tqdm(split.test, disable=not progress, desc=f"fold {split.fold} test"):
         prepared = load(uid)
-        maps = difference_maps(prepared, flow, predictor, config, methods)
+        seconds: dict[str, float] = {}
+        maps = compute(prepared, seconds)
         masks = {}
         for m in methods:
             threshold = thresholds.get(m, "otsu")
@@ -165,9 +197,14 @@ def evaluate_fold(
             # uint8 on the way back: the reorientation goes through SimpleITK, which has no boolean pixels
             on_scan = to_scan_grid(masks[m].astype(np.uint8), prepared.case.volume, mode="nearest").astype(bool)
             metrics = case_metrics(on_scan, prepared.case.nodule_mask, prepared.case.volume.spacing)
+            # where the map's maximum sits, before any threshold: on the nodule = inside or one voxel away
+            peak = peak_distance_mm(maps[m], prepared.gt_grid, prepared.grid.spacing)
             rows.append({"experiment": experiment, "fold": split.fold, "seriesuid": uid, "backbone": backbone,
                          "method": m, **metrics, "threshold": threshold if isinstance(threshold, str) else float(threshold),
-                         "n_nodules": len(prepared.case.annotations), "params_hash": phash})
+                         "n_nodules": len(prepared.case.annotations),
+                         "peak_dist_mm": peak, "peak_on_nodule": bool(peak <= max(prepared.grid.spacing)),
+                         "seconds": round(seconds.get(m, float("nan")), 3),
+                         "params_hash": phash})
         if on_test_case is not None:
             on_test_case(prepared, maps, masks)
     return pd.DataFrame.from_records(rows), thresholds

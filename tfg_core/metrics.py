@@ -49,6 +49,29 @@ def mean_surface_distance(pred: np.ndarray, gt: np.ndarray, spacing_zyx: Sequenc
     return float(value[0, 0])
 
 
+def peak_distance_mm(score_map: np.ndarray, gt: np.ndarray, spacing_zyx: Sequence[float]) -> float:
+    """Distance in mm from the map's maximum to the nearest ground-truth voxel (0 inside; NaN without a nodule
+    or without any positive value in the map, i.e. nothing was pointed at).
+
+    A resolution-free check of where a method looks, before any threshold: "is the strongest evidence on the
+    nodule?" Ties of the maximum take the first voxel in C order.
+
+    Args:
+        score_map: (z, y, x) map, larger = more nodule-like.
+        gt: (z, y, x) ground truth on the same grid.
+        spacing_zyx: voxel size (z, y, x) in mm.
+    """
+    from scipy import ndimage
+
+    score_map, gt = np.asarray(score_map), np.asarray(gt, dtype=bool)
+    if score_map.shape != gt.shape:
+        raise ValueError(f"map shape {score_map.shape} differs from the ground truth's {gt.shape}")
+    if not gt.any() or not np.nanmax(score_map) > 0:
+        return math.nan
+    peak = np.unravel_index(int(np.nanargmax(score_map)), score_map.shape)
+    return float(ndimage.distance_transform_edt(~gt, sampling=[float(s) for s in spacing_zyx])[peak])
+
+
 def case_metrics(pred: np.ndarray, gt: np.ndarray, spacing_zyx: Sequence[float]) -> dict[str, float | int | bool]:
     """One tidy row of metrics for a case.
 

@@ -1,0 +1,1 @@
+"""Figures and viewers: pure drawing functions that write PNGs or fill matplotlib axes."""
