@@ -73,8 +73,9 @@ def _measure(backbone: str, method: str, batch: int, partial: bool, queue) -> No
         from tfg_core.baselines.weakmedsam import WeakMedSam
 
         refiner = WeakMedSam.from_litemedsam(model)
-        # a bright square gives the CAM of a random-weight head something to box
-        stacks[:, :, 20:28, 20:28] = 1.0
+        # a random-weight head's CAM may be ≤ 0 everywhere (no prompt, encoder skipped): one fixed box per slice,
+        # as for a slice with one CAM region, so the encoder and decoder always run
+        refiner.boxes = lambda cam: torch.tensor([[64.0, 64.0, 128.0, 128.0]])
 
         def run():
             refiner(stacks)

@@ -224,3 +224,16 @@ def test_failed_write_leaves_old_files_untouched(rows, tmp_path, monkeypatch):
     with pytest.raises(ValueError):
         write_report(pd.concat([rows, rows.assign(experiment="other")]), out)
     assert {name: (out / name).read_bytes() for name in os.listdir(out)} == old
+
+
+def test_where_the_maps_peak_is_aggregated_when_the_rows_carry_it(rows):
+    rows = rows.copy()
+    rng = np.random.default_rng(3)
+    rows["peak_dist_mm"] = np.where(rows.gt_voxels > 0, rng.uniform(0, 20, len(rows)), np.nan)
+    rows["peak_on_nodule"] = rows.peak_dist_mm <= 5.5
+    agg = aggregate(rows).set_index(["backbone", "method"])
+    for (backbone, method), g in rows[rows.gt_voxels > 0].groupby(["backbone", "method"]):
+        assert agg.loc[(backbone, method), "peak_on_nodule_rate"] == pytest.approx(g.peak_on_nodule.mean())
+        assert agg.loc[(backbone, method), "peak_dist_median_mm"] == pytest.approx(g.peak_dist_mm.median())
+    assert "Map maximum on the nodule" in table1_markdown(agg.reset_index())
+    assert aggregate(rows.drop(columns=["peak_dist_mm", "peak_on_nodule"])).peak_on_nodule_rate.isna().all()

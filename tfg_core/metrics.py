@@ -8,6 +8,7 @@ can exclude and count it.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -44,8 +45,10 @@ def mean_surface_distance(pred: np.ndarray, gt: np.ndarray, spacing_zyx: Sequenc
         return math.nan
     if not pred_any or not gt_any:
         return math.inf
-    value = compute_average_surface_distance(_as_batch(pred), _as_batch(gt), include_background=True, symmetric=True,
-                                             spacing=[float(s) for s in spacing_zyx])
+    with warnings.catch_warnings():  # MONAI 1.6 warns about an argument it passes to itself; nothing for users to do
+        warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*", category=FutureWarning)
+        value = compute_average_surface_distance(_as_batch(pred), _as_batch(gt), include_background=True,
+                                                 symmetric=True, spacing=[float(s) for s in spacing_zyx])
     return float(value[0, 0])
 
 

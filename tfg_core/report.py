@@ -38,7 +38,8 @@ MISSING = "–"
 
 AGGREGATE_COLUMNS = ["experiment", "backbone", "method", "n", "n_folds", "dsc_mean", "dsc_std", "msd_median_mm",
                      "msd_median_finite_mm", "n_empty_pred", "n_both_empty_excluded", "n_no_gt_excluded",
-                     "reference_method", "n_pairs", "wilcoxon_p", "p_note", "peak_on_nodule_rate"]
+                     "reference_method", "n_pairs", "wilcoxon_p", "p_note", "peak_on_nodule_rate",
+                     "peak_dist_median_mm"]
 
 
 def _ordered(present: Sequence[str], preferred: Sequence[str]) -> list[str]:
@@ -141,6 +142,7 @@ def aggregate(rows: pd.DataFrame, reference_method: str = "tfg", experiment: str
                 "reference_method": reference_method, "n_pairs": n_pairs, "wilcoxon_p": p, "p_note": note,
                 # rows of tfg_core.evaluate carry where each map's maximum lies (before thresholding)
                 "peak_on_nodule_rate": g["peak_on_nodule"].mean() if "peak_on_nodule" in g and len(g) else math.nan,
+                "peak_dist_median_mm": g["peak_dist_mm"].median() if "peak_dist_mm" in g and len(g) else math.nan,
             })
     return pd.DataFrame(out, columns=AGGREGATE_COLUMNS)
 
@@ -239,7 +241,8 @@ def _notes(agg: pd.DataFrame, backbone_list: list, method_list: list) -> list[st
                     f"(finite-only MSD median {_fmt_msd(r.msd_median_finite_mm)} mm)"
                     for m, r in g.iterrows() if r.n_empty_pred > 0]
         tests += [f"{label} {_label(METHOD_NAMES, m)}: {_fmt_p(r)}" for m, r in g.iterrows() if m != ref]
-        peaks += [f"{label} {_label(METHOD_NAMES, m)} {r.peak_on_nodule_rate:.0%}" for m, r in g.iterrows()
+        peaks += [f"{label} {_label(METHOD_NAMES, m)} {r.peak_on_nodule_rate:.0%} (median distance "
+                  f"{r.peak_dist_median_mm:.1f} mm)" for m, r in g.iterrows()
                   if "peak_on_nodule_rate" in r and np.isfinite(r.peak_on_nodule_rate)]
     return [
         "n: scans with a ground-truth nodule scored, pooled over folds. " + "; ".join(counts) + ".",
@@ -251,7 +254,8 @@ def _notes(agg: pd.DataFrame, backbone_list: list, method_list: list) -> list[st
         f"within a backbone (not computed with fewer than {MIN_PAIRS} pairs or when all differences are zero): "
         + ("; ".join(tests) if tests else "none") + ".",
         f"Bold: best mean DSC per backbone. {MISSING}: method not run for that backbone.",
-    ] + (["Map maximum on the nodule (inside it or one voxel away, before any threshold), share of scored scans: "
+    ] + (["Map maximum on the nodule (inside it or one voxel away, before any threshold), share of scored scans "
+          "and median distance from the maximum to the nodule: "
           + "; ".join(peaks) + "."] if peaks else [])
 
 
