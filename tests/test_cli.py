@@ -29,6 +29,9 @@ def test_demo_runs_on_the_embedded_default(tmp_path, capsys):
     aggregate = pd.read_csv(out / "report" / "aggregate.csv").set_index("method")
     assert aggregate.loc["gradcam", "n_pairs"] == aggregate.loc["tfg", "n"]  # paired over the same scans
     assert "folds 2, 3" in capsys.readouterr().out
+    # a baseline alone (no guided run) works too
+    assert main(["demo", "--out", str(tmp_path / "cam_only"), "--fold", "2", "--methods", "cam", "--quiet"]) == 0
+    assert set(pd.read_csv(tmp_path / "cam_only" / "all_folds_results.csv").method) == {"cam"}
 
 
 def test_cli_method_names_are_the_evaluation_methods():

@@ -45,3 +45,16 @@ def test_png_is_written(tmp_path):
     path = tmp_path / "methods.png"
     method_comparison_figure([_case()], ["tfg"], path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_score_maps_show_each_map_on_the_nodule_slice():
+    import matplotlib.pyplot as plt
+
+    from tfg_core.viz.comparison import draw_score_maps
+
+    _, image, gt, _ = _case()
+    maps = {"cam": np.arange(6 * 16 * 16, dtype=float).reshape(6, 16, 16), "ig": np.ones((6, 16, 16))}
+    fig = draw_score_maps(image, gt, maps, ["cam", "scorecam", "ig"])
+    assert [ax.get_title() for ax in fig.axes] == ["input z=3", "CAM", "Integrated Gradients"]
+    assert np.array_equal(np.asarray(fig.axes[1].get_images()[0].get_array()), maps["cam"][3])
+    plt.close(fig)

@@ -102,8 +102,9 @@ def segment_fold(root: Path, manifest: pd.DataFrame, annotations: pd.DataFrame, 
 
     def keep(prepared, maps, masks):
         uid = prepared.uid
-        write_nifti(on_scan(masks["tfg"], prepared.case.volume, is_mask=True), out / "masks" / f"{uid}_mask.nii.gz")
-        write_nifti(on_scan(maps["tfg"], prepared.case.volume, is_mask=False), out / "masks" / f"{uid}_diff.nii.gz")
+        if "tfg" in masks:  # TFG's mask and difference map in the scan's geometry
+            write_nifti(on_scan(masks["tfg"], prepared.case.volume, is_mask=True), out / "masks" / f"{uid}_mask.nii.gz")
+            write_nifti(on_scan(maps["tfg"], prepared.case.volume, is_mask=False), out / "masks" / f"{uid}_diff.nii.gz")
         if prepared.gt_grid.any():
             shown.append((prepared, maps, masks))
 

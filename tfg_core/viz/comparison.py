@@ -90,3 +90,33 @@ def method_comparison_figure(
     FigureCanvasAgg(fig)  # render off-screen whatever backend the session uses (a notebook's widget backend too)
     fig.savefig(path, dpi=dpi, format="png")
     plt.close(fig)
+
+
+def draw_score_maps(image: np.ndarray, gt: np.ndarray, maps: Mapping[str, np.ndarray], methods: Sequence[str],
+                    window: tuple[float, float] = (0.0, 0.7)):
+    """One scan's raw maps before thresholding: input, then each method's map on the nodule slice (own colour
+    scale per map, ground truth outlined in red). Returns the Figure.
+
+    Args:
+        image: (z, y, x) in [0, 1].
+        gt: (z, y, x) boolean ground truth.
+        maps: ``{method: (z, y, x) map}``.
+        methods: the maps to show, in order (missing ones are skipped).
+        window: display range of the image.
+    """
+    import matplotlib.pyplot as plt
+
+    shown = [m for m in methods if m in maps]
+    z = nodule_slice(gt)
+    fig, axes = plt.subplots(1, 1 + len(shown), figsize=(2.0 * (1 + len(shown)), 2.2), squeeze=False)
+    axes[0, 0].imshow(image[z], cmap="gray", vmin=window[0], vmax=window[1], interpolation="nearest")
+    axes[0, 0].set_title(f"input z={z}", fontsize=7)
+    for ax, name in zip(axes[0, 1:], shown):
+        ax.imshow(maps[name][z], cmap="magma", interpolation="nearest")
+        ax.set_title(METHOD_NAMES.get(name, name), fontsize=7)
+    for ax in axes[0]:
+        if gt[z].any():
+            ax.contour(gt[z], levels=[0.5], colors="r", linewidths=0.6)
+        ax.set_xticks([]), ax.set_yticks([])
+    fig.tight_layout()
+    return fig
