@@ -48,3 +48,21 @@ def test_cli_reports_data_errors_without_traceback(tmp_path, capsys):
     err = capsys.readouterr().err
     assert str(missing) in err and "Traceback" not in err
     assert not (tmp_path / "m.csv").exists()
+
+
+def test_report_pools_result_files(tmp_path, capsys):
+    def rows(method, dsc, experiment):
+        return pd.DataFrame({"experiment": experiment, "fold": [0] * 7, "seriesuid": [f"s{i}" for i in range(7)],
+                             "backbone": "tiny", "method": method, "dsc": dsc, "msd_mm": 3.0, "pred_voxels": 9,
+                             "gt_voxels": 10, "empty_pred": False, "both_empty": False})
+
+    rows("tfg", [0.5, 0.6, 0.7, 0.8, 0.4, 0.9, 0.65], "demo").to_csv(tmp_path / "a.csv", index=False)
+    (tmp_path / "more").mkdir()
+    rows("cam", [0.1, 0.2, 0.3, 0.2, 0.1, 0.3, 0.25], "wms").to_csv(tmp_path / "more" / "b.csv", index=False)
+    out = tmp_path / "report"
+    assert main(["report", str(tmp_path / "a.csv"), str(tmp_path / "more"), "--out", str(out), "--relabel", "x"]) == 0
+    aggregate = pd.read_csv(out / "aggregate.csv").set_index("method")
+    assert aggregate.loc["cam", "n_pairs"] == 7 and aggregate.loc["cam", "wilcoxon_p"] < 0.05
+    assert "**0.650" in capsys.readouterr().out  # TFG's mean, bold as the best
+    assert main(["report", str(tmp_path / "nothing.csv"), "--out", str(out)]) == 2
+    assert "nothing.csv" in capsys.readouterr().err

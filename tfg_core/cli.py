@@ -49,6 +49,27 @@ def _demo(args: argparse.Namespace) -> None:
                    progress=not args.quiet)
 
 
+def _report(args: argparse.Namespace) -> None:
+    import pandas as pd
+
+    from tfg_core.report import write_report
+
+    files = []
+    for entry in args.results:
+        files += sorted(entry.glob("*.csv")) if entry.is_dir() else [entry]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing or not files:
+        from tfg_core.errors import DataError
+
+        raise DataError(f"no result CSV at {', '.join(missing) or ' '.join(map(str, args.results))}")
+    rows = pd.concat([pd.read_csv(f) for f in files], ignore_index=True)
+    if args.relabel:
+        rows["experiment"] = args.relabel
+    paths = write_report(rows, args.out, title=args.title, experiment=args.experiment)
+    print(paths["table1_md"].read_text())
+    print(f"{len(rows)} rows from {len(files)} file(s) → {', '.join(str(p) for p in paths.values())}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tfg", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -64,6 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "whose LiteMedSAM encoder costs seconds per slice on a CPU; tfg and unguided share one run)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_demo)
+
+    p = sub.add_parser("report", help="Table 1 (markdown + CSV, Wilcoxon vs TFG) from tidy result CSVs")
+    p.add_argument("results", type=Path, nargs="+", help="result CSV files or folders of them")
+    p.add_argument("--out", type=Path, default=Path("results/report"), help="output folder")
+    p.add_argument("--title", default="Nodule segmentation", help="table heading")
+    p.add_argument("--experiment", default=None, help="report this experiment when the rows hold several")
+    p.add_argument("--relabel", default=None, help="give every row this experiment name (pool several runs)")
+    p.set_defaults(func=_report)
 
     p = sub.add_parser("phantom", help="write the phantom cohort as a LUNA16-shaped tree")
     p.add_argument("--out", type=Path, default=Path("outputs/phantom"))
