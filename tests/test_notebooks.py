@@ -49,3 +49,14 @@ def test_notebooks_run_on_the_phantom_cohort(tmp_path):
     assert "TFG (ours)" in table and "Grad-CAM" in table and (tmp_path / "report" / "dice.png").is_file()
     executed = nbformat.read(tmp_path / "06_report.ipynb", as_version=4)
     assert any(o.get("output_type") == "display_data" for c in executed.cells for o in c.get("outputs", []))
+
+
+def test_open_cohort_names_a_missing_luna16_tree(tmp_path):
+    from tfg_core.errors import DataError
+    from tfg_core.experiment import open_cohort, resolve_path
+
+    with pytest.raises(DataError, match="no LUNA16 tree here"):
+        open_cohort("luna16", tmp_path / "absent")
+    with pytest.raises(ValueError, match="dataset must be one of"):
+        open_cohort("lidc", tmp_path)
+    assert resolve_path(tmp_path) == tmp_path and resolve_path("outputs/x").is_absolute()

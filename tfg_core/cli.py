@@ -61,7 +61,7 @@ def _report(args: argparse.Namespace) -> None:
     if missing or not files:
         from tfg_core.errors import DataError
 
-        raise DataError(f"no result CSV at {', '.join(missing) or ' '.join(map(str, args.results))}")
+        raise DataError(", ".join(missing) or " ".join(map(str, args.results)), "no result CSV there")
     rows = pd.concat([pd.read_csv(f) for f in files], ignore_index=True)
     if args.relabel:
         rows["experiment"] = args.relabel

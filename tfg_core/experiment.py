@@ -59,7 +59,7 @@ def open_cohort(dataset: str, root: str | os.PathLike, progress: bool = False) -
 
         write_cohort(root, PhantomConfig(), progress=progress)
     elif not root.is_dir():
-        raise DataError(f"{root}: no LUNA16 tree here (expected subset0..9/*.mhd and annotations.csv)")
+        raise DataError(root, "no LUNA16 tree here (expected subset0..9/*.mhd and annotations.csv)")
     manifest, _ = ensure_manifest(root, progress=progress)
     return Cohort(dataset, root, manifest, read_annotations(root / "annotations.csv"))
 
