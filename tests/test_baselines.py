@@ -69,7 +69,7 @@ def test_resize_keeps_the_field_of_view():
 
 
 def test_slicewise_map_places_each_slice_and_gates(net):
-    vol, disc = volume_with_spot()
+    vol, _ = volume_with_spot()
     calls = []
 
     def method(stacks, centres):
@@ -226,10 +226,10 @@ def test_weakmedsam_with_litemedsam_keeps_the_refined_cam_on_the_spot():
     assert x0 <= 9 <= x1 and y0 <= 20 <= y1  # the box holds the spot
     out = baseline_map("weakmedsam", net, vol, weakmedsam=refiner)
     assert np.flatnonzero(out.reshape(DEPTH, -1).max(1) > 0).tolist() == [6]  # only the positive slice
-    z, y, x = np.unravel_index(int(np.argmax(out)), out.shape)
+    _, y, x = np.unravel_index(int(np.argmax(out)), out.shape)
     assert disc[y, x]
     ring = torch.from_numpy(np.asarray(disc)).float()
     near = F.max_pool2d(ring[None, None], 5, 1, 2)[0, 0].bool().numpy()  # the disc grown by 2 pixels
     cam_volume = baseline_map("cam", net, vol)
-    inside = lambda m: m[6][near].sum() / m[6].sum()  # noqa: E731
+    inside = lambda m: m[6][near].sum() / m[6].sum()
     assert inside(out) > 0.8 and inside(out) >= inside(cam_volume) - 0.05

@@ -34,7 +34,7 @@ def test_committed_clean_with_one_typed_parameters_cell(path):
 
 def test_notebooks_run_on_the_phantom_cohort(tmp_path):
     """00 → 05 → 06 with tiny parameters: each writes where the next one reads."""
-    run = lambda name, **params: pm.execute_notebook(  # noqa: E731
+    run = lambda name, **params: pm.execute_notebook(
         str(NOTEBOOKS[[p.name for p in NOTEBOOKS].index(name)]), str(tmp_path / name), parameters=params,
         kernel_name="python3", progress_bar=False, cwd=str(tmp_path))
     run("00_quickstart.ipynb", fold=2, out_dir=str(tmp_path / "quick"), methods=["tfg"], progress=False)

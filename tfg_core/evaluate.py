@@ -11,8 +11,8 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -161,10 +161,10 @@ def evaluate_fold(
     if "weakmedsam" in methods and weakmedsam is None:
         pam = baseline_config.pam if baseline_config is not None else None
         weakmedsam = WeakMedSam.from_litemedsam(predictor, config=pam)
-    compute = lambda prepared, seconds=None: difference_maps(  # noqa: E731
+    compute = lambda prepared, seconds=None: difference_maps(
         prepared, flow, predictor, config, methods, baseline_config, weakmedsam, seconds)
     rows_by_uid = manifest.set_index("seriesuid", drop=False)
-    load = lambda uid: prepare(load_case(root, rows_by_uid.loc[uid], annotations))  # noqa: E731
+    load = lambda uid: prepare(load_case(root, rows_by_uid.loc[uid], annotations))
 
     thresholds: dict[str, float] = {}
     if threshold_mode == "calibrated":

@@ -6,7 +6,9 @@ brings them to the volume. Maps are the positive evidence for "nodule" (ReLU), n
 - **CAM** (Zhou et al., CVPR 2016): the head's weights applied to the feature map, ``Σ_c w_c·A_c`` — exactly the
   map the head pools into its logit (:meth:`CamHead.cam`), also for LSE-pooled heads.
 - **Grad-CAM** (Selvaraju et al., ICCV 2017): captum's ``LayerGradCam`` on ``feat`` — channel weights are the
-  spatially averaged gradients of the logit.
+  spatially averaged gradients of the logit. For our heads, which pool a 1×1-conv CAM (mean, or log-sum-exp whose
+  spatial weights sum to 1), that average is ``w_c/(h·w)``, so Grad-CAM = CAM/(h·w) exactly and both give the same
+  masks under a calibrated threshold; they differ for heads with hidden layers.
 - **Score-CAM** (Wang et al., CVPR-W 2020): each feature channel, upsampled to the input and min-max scaled to
   [0, 1], masks the input; the channel's weight is how much the masked input raises the nodule probability over
   a fully masked one. Neither captum nor MONAI has it, so it is written here; the masked-out value is 0, the
@@ -16,7 +18,7 @@ brings them to the volume. Maps are the positive evidence for "nodule" (ReLU), n
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

@@ -7,7 +7,7 @@ for the centre slice's label. Only positive attributions are kept (evidence for 
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

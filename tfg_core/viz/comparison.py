@@ -5,7 +5,7 @@ largest nodule, then input, ground truth and every method's mask (filled) with t
 from __future__ import annotations
 
 import os
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 

@@ -7,8 +7,8 @@ image arrays, colour limits and overlay artists back without a display.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -197,7 +197,9 @@ def draw_slice_grid(
         for name, values in maps.items():
             # one scale per map over all slices: rows stay comparable
             draw_map(next(row), values, z, vmax=float(np.max(values)), title=f"{name} z={z}")
-    fig.tight_layout()
+    # fixed margins: tight_layout would measure every artist of every panel
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.3 / fig.get_figheight(), wspace=0.05,
+                        hspace=0.25)
     return fig
 
 
