@@ -11,6 +11,7 @@ canvas under ``%matplotlib widget``, a PNG image widget under any other backend)
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 
 from tfg_core.flow.base import FlowModel
-from tfg_core.flow.schedule import clean_estimate, euler_step, sampling_steps
+from tfg_core.flow.schedule import clean_estimate, run_to_end, sample
 from tfg_core.guidance import GuidanceConfig, guide, slice_logits
 from tfg_core.predictors.heads import Predictor
 from tfg_core.viz.slices import check_slice, draw_map, draw_slice, draw_slice_grid, save_montage
@@ -161,17 +162,22 @@ def _slice_probabilities(predictor: Predictor, images: Sequence[np.ndarray], dev
 def _unguided_estimates(flow: FlowModel, z: torch.Tensor, cfg: GuidanceConfig, steps: set[int]):
     """The unguided sampling run from the inverted latent ``z``: clean estimates at ``steps`` and the decode.
 
-    The same Euler steps as :func:`tfg_core.guidance.run_guidance`'s reference, decoding on the way.
+    The same :func:`tfg_core.flow.schedule.sample` loop as :func:`tfg_core.guidance.run_guidance`'s reference; the
+    velocity function also decodes the clean estimate at the requested steps.
     """
     grid = flow.timesteps(cfg.num_steps, latent_shape=tuple(z.shape))
     hats: dict[int, np.ndarray] = {}
+    step_index = itertools.count(cfg.start_index)
+
+    def velocity(z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        v = flow.velocity(z_t, t)
+        i = next(step_index)
+        if i in steps:
+            hats[i] = flow.decode(clean_estimate(z_t, v, t))[0, 0].float().cpu().numpy()
+        return v
+
     with torch.no_grad():
-        for i, (t_from, t_to) in enumerate(sampling_steps(grid, cfg.start_index), start=cfg.start_index):
-            v = flow.velocity(z, t_from)
-            if i in steps:
-                hats[i] = flow.decode(clean_estimate(z, v, t_from))[0, 0].float().cpu().numpy()
-            z = euler_step(z, v, t_from, t_to)
-        final = flow.decode(z)[0, 0].float().cpu().numpy()
+        final = flow.decode(run_to_end(sample(velocity, z, grid, cfg.start_index), z))[0, 0].float().cpu().numpy()
     hats[cfg.num_steps] = final
     return hats, final
 
