@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from blob_detector import BlobDetector  # tests/blob_detector.py (pytest puts tests/ on sys.path)
 
 from tfg_core.flow.maisi import (
     MaisiFlow,
@@ -25,29 +26,10 @@ from tfg_core.flow.maisi import (
 from tfg_core.flow.toy import GaussianToyFlow
 from tfg_core.guidance import GuidanceConfig, guide, positive_slices, run_guidance
 from tfg_core.predictors import build_predictor
-from tfg_core.predictors.heads import ConvCamHead, Predictor
 from tfg_core.segment import dice, segment
 
 SIZE = 16
 BLOB_SLICES = (6, 7, 8, 9, 10)  # the blob covers slices 6..10; with 3-slice stacks, 6 and 10 see its edge
-
-
-class BlobDetector(Predictor):
-    """logit = mean over the centre slice of 640 * relu(x - 0.5)^2 - 0.02: only bright voxels count."""
-
-    def __init__(self, in_slices: int = 3, input_size: int = SIZE):
-        super().__init__(in_slices, input_size)
-        self.head = ConvCamHead(1)
-        with torch.no_grad():
-            self.head.conv.weight.fill_(1.0)
-            self.head.conv.bias.fill_(-0.02)
-
-    def normalize(self, stacks: torch.Tensor) -> torch.Tensor:
-        return stacks
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        centre = x[:, x.shape[1] // 2 : x.shape[1] // 2 + 1]
-        return 640.0 * F.relu(centre - 0.5) ** 2
 
 
 def healthy_image() -> torch.Tensor:

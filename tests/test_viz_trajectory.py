@@ -2,7 +2,7 @@
 hold is checked (image arrays, colour limits, markers, overlays); the headless path writes PNG montages, and
 notebook 03 runs under papermill.
 
-The run is the analytic ``GaussianToyFlow`` with a hand-made blob detector (the idea of ``test_guidance.py``'s): a
+The run is the analytic ``GaussianToyFlow`` with the hand-made blob detector of ``tests/blob_detector.py``: a
 16³ volume, a few milliseconds per step.
 """
 
@@ -20,11 +20,10 @@ matplotlib.use("Agg")
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
+from blob_detector import BlobDetector  # tests/blob_detector.py (pytest puts tests/ on sys.path)
 
 from tfg_core.flow.toy import GaussianToyFlow
 from tfg_core.guidance import GuidanceConfig, guide, run_guidance, slice_logits
-from tfg_core.predictors.heads import ConvCamHead, Predictor
 from tfg_core.viz.slices import WINDOWS, draw_slice, overlay_images, unit_to_hu, window_limits
 from tfg_core.viz.trajectory import draw_step_montage, montage_steps, record_trajectory
 from tfg_core.viz.viewer import TrajectoryViewer
@@ -33,24 +32,6 @@ REPO = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"
 SIZE = 16
 CONFIG = GuidanceConfig(num_steps=10, start_index=4, guided_steps=3, strength=2.0)
-
-
-class BrightSpotDetector(Predictor):
-    """logit = mean over the centre slice of 640 · relu(x − 0.5)² − 0.02: only bright voxels count."""
-
-    def __init__(self):
-        super().__init__(in_slices=3, input_size=SIZE)
-        self.head = ConvCamHead(1)
-        with torch.no_grad():
-            self.head.conv.weight.fill_(1.0)
-            self.head.conv.bias.fill_(-0.02)
-
-    def normalize(self, stacks: torch.Tensor) -> torch.Tensor:
-        return stacks
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        centre = x[:, x.shape[1] // 2 : x.shape[1] // 2 + 1]
-        return 640.0 * F.relu(centre - 0.5) ** 2
 
 
 def healthy() -> torch.Tensor:
@@ -65,7 +46,7 @@ def blob() -> np.ndarray:
 @pytest.fixture(scope="module")
 def run():
     flow = GaussianToyFlow(healthy(), sigma=1.0, scale_factor=1.5)
-    detector = BrightSpotDetector().eval()
+    detector = BlobDetector().eval()
     x = healthy() + 0.7 * torch.as_tensor(blob(), dtype=torch.float32)
     return flow, detector, x, record_trajectory(flow, detector, x, CONFIG)
 
