@@ -23,7 +23,9 @@ demo:
 test:
 	$(BIN)/python -m pytest -q -m "not browser"
 
+# JupyterLab + Debian's Chromium (apt-get install chromium) driven by Playwright; no browser is downloaded
 test-browser:
+	$(BIN)/pip install --quiet -e ".[browser]"
 	$(BIN)/python -m pytest -q -m browser
 
 bench:

@@ -12,7 +12,8 @@ NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.i
 
 def test_there_are_numbered_notebooks():
     names = [p.name for p in NOTEBOOKS]
-    assert {"00_quickstart.ipynb", "05_baselines.ipynb", "06_report.ipynb"} <= set(names)
+    assert {"00_quickstart.ipynb", "01_preprocess.ipynb", "02_finetune_predictor.ipynb", "03_guided_sampling.ipynb",
+            "04_ablations.ipynb", "05_baselines.ipynb", "06_report.ipynb"} <= set(names)
     assert all(n[:2].isdigit() and n[2] == "_" for n in names)
 
 
@@ -37,7 +38,8 @@ def test_notebooks_run_on_the_phantom_cohort(tmp_path):
     run = lambda name, **params: pm.execute_notebook(
         str(NOTEBOOKS[[p.name for p in NOTEBOOKS].index(name)]), str(tmp_path / name), parameters=params,
         kernel_name="python3", progress_bar=False, cwd=str(tmp_path))
-    run("00_quickstart.ipynb", fold=2, out_dir=str(tmp_path / "quick"), methods=["tfg"], progress=False)
+    run("00_quickstart.ipynb", fold=2, data_root=str(tmp_path / "phantom"), out_dir=str(tmp_path / "quick"),
+        methods=["tfg"], progress=False)
     assert (tmp_path / "quick" / "fold2_methods.png").is_file() and (tmp_path / "phantom" / "manifest.csv").is_file()
     run("05_baselines.ipynb", data_root=str(tmp_path / "phantom"), fold=2, methods=["cam", "gradcam"],
         results_dir=str(tmp_path / "results"), progress=False)
@@ -60,3 +62,33 @@ def test_open_cohort_names_a_missing_luna16_tree(tmp_path):
     with pytest.raises(ValueError, match="dataset must be one of"):
         open_cohort("lidc", tmp_path)
     assert resolve_path(tmp_path) == tmp_path and resolve_path("outputs/x").is_absolute()
+
+
+def test_preprocess_finetune_and_ablation_notebooks_chain(tmp_path):
+    """01 → 02 → 04 with tiny parameters; 04 guides with the checkpoint 02 just wrote."""
+    run = lambda name, **params: pm.execute_notebook(
+        str(NOTEBOOKS[[p.name for p in NOTEBOOKS].index(name)]), str(tmp_path / name), parameters=params,
+        kernel_name="python3", progress_bar=False, cwd=str(tmp_path))
+    data = str(tmp_path / "phantom")
+    run("01_preprocess.ipynb", data_root=data, fold=1, out_dir=str(tmp_path / "pre"), progress=False)
+    inventory = pd.read_csv(tmp_path / "pre" / "inventory.csv")
+    assert len(inventory) == 100 and inventory.error.isna().all()  # every phantom scan read, none damaged
+    folds = pd.read_csv(tmp_path / "pre" / "folds.csv", index_col=0)
+    assert folds.loc["test", "scans"] == 10 and (tmp_path / "pre" / "preprocessing.png").is_file()
+    assert "matches the pinned list" in (tmp_path / "01_preprocess.ipynb").read_text()
+
+    run("02_finetune_predictor.ipynb", data_root=data, fold=1, iterations=20, eval_every=10, batch_size=8,
+        out_dir=str(tmp_path / "ft"), progress=False)
+    history = pd.read_csv(tmp_path / "ft" / "tiny_fold1_history.csv")
+    assert list(history.iteration) == [10, 20] and (tmp_path / "ft" / "tiny_fold1.pt").is_file()
+    slices = pd.read_csv(tmp_path / "ft" / "tiny_fold1_test_slices.csv", index_col=0)
+    assert len(slices) == 2 and slices.auc.between(0, 1).all()  # this checkpoint and the shipped one
+
+    run("04_ablations.ipynb", data_root=data, fold=1, checkpoint=str(tmp_path / "ft" / "tiny_fold1.pt"),
+        sweep={"strength": [2.0]}, max_val_scans=2, max_test_scans=2, results_dir=str(tmp_path / "abl"),
+        progress=False)
+    rows = pd.read_csv(tmp_path / "abl" / "fold1_tiny_ablations.csv")
+    assert list(dict.fromkeys(rows.parameter)) == ["default", "strength", "no_prior"]
+    assert set(rows[rows.parameter == "strength"].value) == {2.0}
+    assert set(rows.threshold_mode) == {"calibrated", "otsu"} and len(rows) == 3 * 2 * 2
+    assert (tmp_path / "abl" / "fold1_tiny_ablations.png").is_file()

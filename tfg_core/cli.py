@@ -49,6 +49,36 @@ def _demo(args: argparse.Namespace) -> None:
                    progress=not args.quiet)
 
 
+def _batch(args: argparse.Namespace) -> int:
+    import json
+
+    from tfg_core.batch import ClusterResources, parse_assignments, run_batch
+
+    sets = None
+    if args.sets is not None:
+        try:
+            sets = json.loads(args.sets.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            from tfg_core.errors import DataError
+
+            raise DataError(args.sets, f"cannot read the parameter sets (a JSON list of objects): {exc}") from None
+    extra = parse_assignments(args.slurm)
+    resources = ClusterResources(partition=args.partition, gpus=args.gpus, cpus=args.cpus, mem_gb=args.mem_gb,
+                                 time_min=args.time_min, array_parallelism=args.array_parallelism,
+                                 account=args.account, extra={f"slurm_{k}": v for k, v in extra.items()})
+    try:
+        table = run_batch(args.notebooks, args.folds, args.experiment, fixed=parse_assignments(args.param),
+                          grid=parse_assignments(args.grid, as_list=True), sets=sets, executor=args.executor,
+                          jobs=args.jobs, runs_root=args.runs, results_root=args.results, retries=args.retries,
+                          threads=args.threads, resources=resources, dry_run=args.dry_run, progress=not args.quiet)
+    except TfgError:
+        raise
+    except ValueError as exc:  # a plan that cannot run (typo in a parameter name, bad folds): say so, no traceback
+        print(f"tfg batch: error: {exc}", file=sys.stderr)
+        return 2
+    return 1 if (table.state == "failed").any() else 0
+
+
 def _report(args: argparse.Namespace) -> None:
     import pandas as pd
 
@@ -94,6 +124,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--relabel", default=None, help="give every row this experiment name (pool several runs)")
     p.set_defaults(func=_report)
 
+    p = sub.add_parser("batch", help="run notebooks for a list of folds and parameter sets (local pool or SLURM)",
+                       description="Run a notebook (or a chain of notebooks) once per fold and parameter set with "
+                                   "papermill. Executed notebooks go to RUNS/EXPERIMENT/RUN_ID/, results to "
+                                   "RESULTS/EXPERIMENT/RUN_ID/, a summary to RESULTS/EXPERIMENT/summary.csv. Finished "
+                                   "runs are skipped on rerun; a failed run is retried once, the others go on.")
+    p.add_argument("notebooks", type=Path, nargs="+", help="notebook(s), executed in order for each run")
+    p.add_argument("--experiment", "-e", required=True, help="experiment name (folder under runs/ and results/)")
+    p.add_argument("--folds", default="0-9", help="held-out folds: 0-9, 0,3,5 or 2 (default 0-9)")
+    p.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE",
+                   help="a parameter for every run (JSON value or text); text may use {fold}, {run_id}, "
+                        "{results_dir}, {run_dir}, {experiment}")
+    p.add_argument("-g", "--grid", action="append", default=[], metavar="NAME=V1,V2",
+                   help="a parameter to sweep (JSON list or comma-separated); several --grid: full product")
+    p.add_argument("--sets", type=Path, default=None, help="JSON file: a list of parameter sets (objects) to run")
+    p.add_argument("--executor", choices=("local", "slurm", "submitit-local"), default="local",
+                   help="local process pool (default), SLURM job array via submitit, or submitit's local executor")
+    p.add_argument("--jobs", "-j", type=int, default=1, help="local: concurrent runs")
+    p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS per run (default: cores / jobs)")
+    p.add_argument("--retries", type=int, default=1, help="restarts of a failed run (default 1)")
+    p.add_argument("--runs", type=Path, default=Path("runs"), help="root of the executed notebooks")
+    p.add_argument("--results", type=Path, default=Path("results"), help="root of the results")
+    slurm = p.add_argument_group("SLURM (per run)")
+    slurm.add_argument("--partition", default="", help="partition (default: the cluster's)")
+    slurm.add_argument("--account", default="", help="account")
+    slurm.add_argument("--gpus", type=int, default=0, help="GPUs per run")
+    slurm.add_argument("--cpus", type=int, default=2, help="CPU cores per run")
+    slurm.add_argument("--mem-gb", type=int, default=16, help="memory per run")
+    slurm.add_argument("--time-min", type=int, default=120, help="wall-time limit per run (minutes)")
+    slurm.add_argument("--array-parallelism", type=int, default=10, help="array tasks running at once")
+    slurm.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
+                       help="any other sbatch option submitit knows, e.g. qos=short, constraint=a100")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (runs, parameters, finished or not)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=_batch)
+
     p = sub.add_parser("phantom", help="write the phantom cohort as a LUNA16-shaped tree")
     p.add_argument("--out", type=Path, default=Path("outputs/phantom"))
     p.add_argument("--cases", type=int, default=100)
@@ -130,11 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        code = args.func(args)
     except TfgError as exc:  # our errors already name the file and the problem: no traceback needed
         print(f"tfg {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    return 0
+    return int(code or 0)
 
 
 if __name__ == "__main__":

@@ -128,7 +128,7 @@ def evaluate_fold(
     predictor: torch.nn.Module,
     config: GuidanceConfig | None = None,
     methods: Sequence[str] = METHODS,
-    threshold_mode: str = "calibrated",
+    threshold_mode: str | Sequence[str] = "calibrated",
     min_component_voxels: int = 0,
     backbone: str = "tiny",
     experiment: str = "demo",
@@ -148,7 +148,8 @@ def evaluate_fold(
         predictor: fine-tuned slice classifier (eval mode).
         config: guidance parameters.
         methods: which methods to run (:data:`ALL_METHODS`).
-        threshold_mode: ``"calibrated"`` (validation Dice) or ``"otsu"`` (label-free, per scan, inside the lung).
+        threshold_mode: ``"calibrated"`` (validation Dice) or ``"otsu"`` (label-free, per scan, inside the lung), or
+            both as a sequence: each map is then scored both ways (rows differ in ``threshold_mode``).
         min_component_voxels: post-processing: drop smaller components (model-grid voxels).
         backbone: predictor name for the rows.
         experiment: experiment name for the rows.
@@ -166,8 +167,12 @@ def evaluate_fold(
     rows_by_uid = manifest.set_index("seriesuid", drop=False)
     load = lambda uid: prepare(load_case(root, rows_by_uid.loc[uid], annotations))
 
+    modes = (threshold_mode,) if isinstance(threshold_mode, str) else tuple(threshold_mode)
+    bad = [m for m in modes if m not in ("calibrated", "otsu")] or ([] if modes else ["(none)"])
+    if bad:
+        raise ValueError(f"threshold_mode must be 'calibrated' or 'otsu', got {bad}")
     thresholds: dict[str, float] = {}
-    if threshold_mode == "calibrated":
+    if "calibrated" in modes:
         val_maps: dict[str, list[np.ndarray]] = {m: [] for m in methods}
         gts, lungs = [], []
         for uid in tqdm(split.val, disable=not progress, desc=f"fold {split.fold} validation"):
@@ -179,10 +184,8 @@ def evaluate_fold(
             lungs.append(prepared.lung_grid)
         for m in methods:
             thresholds[m] = calibrate_threshold(val_maps[m], gts, lung_masks=lungs, min_component_voxels=min_component_voxels)
-    elif threshold_mode != "otsu":
-        raise ValueError(f"threshold_mode must be 'calibrated' or 'otsu', got {threshold_mode!r}")
 
-    params = {"guidance": asdict(config), "threshold_mode": threshold_mode, "min_component_voxels": min_component_voxels,
+    params = {"guidance": asdict(config), "threshold_mode": threshold_mode if isinstance(threshold_mode, str) else list(modes), "min_component_voxels": min_component_voxels,
               "baselines": asdict(baseline_config or BaselineConfig())}
     phash = params_hash(params)
     rows = []
@@ -192,19 +195,22 @@ def evaluate_fold(
         maps = compute(prepared, seconds)
         masks = {}
         for m in methods:
-            threshold = thresholds.get(m, "otsu")
-            masks[m] = segment(maps[m], threshold, prepared.lung_grid, min_component_voxels)
-            # uint8 on the way back: the reorientation goes through SimpleITK, which has no boolean pixels
-            on_scan = to_scan_grid(masks[m].astype(np.uint8), prepared.case.volume, mode="nearest").astype(bool)
-            metrics = case_metrics(on_scan, prepared.case.nodule_mask, prepared.case.volume.spacing)
             # where the map's maximum sits, before any threshold: on the nodule = inside or one voxel away
             peak = peak_distance_mm(maps[m], prepared.gt_grid, prepared.grid.spacing)
-            rows.append({"experiment": experiment, "fold": split.fold, "seriesuid": uid, "backbone": backbone,
-                         "method": m, **metrics, "threshold": threshold if isinstance(threshold, str) else float(threshold),
-                         "n_nodules": len(prepared.case.annotations),
-                         "peak_dist_mm": peak, "peak_on_nodule": bool(peak <= max(prepared.grid.spacing)),
-                         "seconds": round(seconds.get(m, float("nan")), 3),
-                         "params_hash": phash})
+            for mode in modes:
+                threshold = thresholds[m] if mode == "calibrated" else "otsu"
+                mask = segment(maps[m], threshold, prepared.lung_grid, min_component_voxels)
+                masks.setdefault(m, mask)  # the first mode's mask goes to on_test_case
+                # uint8 on the way back: the reorientation goes through SimpleITK, which has no boolean pixels
+                on_scan = to_scan_grid(mask.astype(np.uint8), prepared.case.volume, mode="nearest").astype(bool)
+                metrics = case_metrics(on_scan, prepared.case.nodule_mask, prepared.case.volume.spacing)
+                rows.append({"experiment": experiment, "fold": split.fold, "seriesuid": uid, "backbone": backbone,
+                             "method": m, **metrics, "threshold_mode": mode,
+                             "threshold": threshold if isinstance(threshold, str) else float(threshold),
+                             "n_nodules": len(prepared.case.annotations),
+                             "peak_dist_mm": peak, "peak_on_nodule": bool(peak <= max(prepared.grid.spacing)),
+                             "seconds": round(seconds.get(m, float("nan")), 3),
+                             "params_hash": phash})
         if on_test_case is not None:
             on_test_case(prepared, maps, masks)
     return pd.DataFrame.from_records(rows), thresholds

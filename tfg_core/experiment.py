@@ -103,3 +103,28 @@ def resolve_path(path: str | os.PathLike) -> Path:
     repo = Path(__file__).resolve().parents[1]
     base = repo if (repo / "notebooks").is_dir() else Path.cwd()
     return (base / path).resolve()
+
+
+FLOWS = ("demo", "maisi-v2")
+
+
+def load_flow(name: str = "demo", autoencoder: str | os.PathLike | None = None, unet: str | os.PathLike | None = None,
+              device: str = "cpu"):
+    """The rectified-flow prior a notebook guides: the shipped CPU demo flow or MAISI-v2 with its real weights.
+
+    Args:
+        name: ``"demo"`` (phantom grid, shipped) or ``"maisi-v2"`` (weights from the paths or the
+            ``$TFG_MAISI_*`` variables, see ``data_manifest/weights.json``).
+        autoencoder: MAISI ``autoencoder_v1.pt`` (empty/None: the environment variable).
+        unet: MAISI ``diff_unet_3d_rflow-ct.pt`` (empty/None: the environment variable).
+        device: where to put the networks.
+    """
+    if name == "demo":
+        from tfg_core.flow.demo import load_demo_flow
+
+        return load_demo_flow(device=device)
+    if name == "maisi-v2":
+        from tfg_core.flow.maisi import load_maisi_v2
+
+        return load_maisi_v2(autoencoder or None, unet or None, device=device)
+    raise ValueError(f"flow must be one of {FLOWS}, got {name!r}")
