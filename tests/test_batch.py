@@ -125,7 +125,7 @@ def test_submitit_local_executor(tmp_path):
                                                    runs_root=tmp_path / "runs", results_root=tmp_path / "results"))
 
 
-def test_cli_dry_run_and_errors(tmp_path, capsys):
+def test_cli_dry_run_and_errors(tmp_path, capsys, monkeypatch):
     from tfg_core.cli import main
 
     assert main(["batch", str(PROBE), "-e", "dry", "--folds", "0-1", "-g", "value=0.1,0.2", "--dry-run",
@@ -136,6 +136,10 @@ def test_cli_dry_run_and_errors(tmp_path, capsys):
     assert "strenght" in capsys.readouterr().err
     assert main(["batch", str(tmp_path / "missing.ipynb"), "-e", "dry", "--dry-run"]) == 2
     assert "no such notebook" in capsys.readouterr().err
+    monkeypatch.setattr("shutil.which", lambda name: None)  # a machine without SLURM
+    assert main(["batch", str(PROBE), "-e", "slurm", "--executor", "slurm", "--runs", str(tmp_path / "runs"),
+                 "--results", str(tmp_path / "results"), "--quiet"]) == 2
+    assert "sbatch" in capsys.readouterr().err
 
 
 @pytest.mark.slow

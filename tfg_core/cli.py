@@ -73,7 +73,7 @@ def _batch(args: argparse.Namespace) -> int:
                           threads=args.threads, resources=resources, dry_run=args.dry_run, progress=not args.quiet)
     except TfgError:
         raise
-    except ValueError as exc:  # a plan that cannot run (typo in a parameter name, bad folds): say so, no traceback
+    except (ValueError, RuntimeError) as exc:  # a plan that cannot run (a typo in a parameter, no sbatch): no traceback
         print(f"tfg batch: error: {exc}", file=sys.stderr)
         return 2
     return 1 if (table.state == "failed").any() else 0

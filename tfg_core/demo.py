@@ -24,6 +24,7 @@ import pandas as pd
 
 from tfg_core.data.cases import load_case
 from tfg_core.data.folds import fold_split
+from tfg_core.data.inventory import scan_record
 from tfg_core.data.luna16 import read_annotations
 from tfg_core.data.phantom import PhantomConfig, write_cohort
 from tfg_core.data.slices import make_stacks
@@ -162,14 +163,11 @@ def run_demo(out: str | os.PathLike = "outputs/demo", fold: int = 0, cohort: str
         case = load_case(root, rows.loc[uid], annotations)
         sc = slice_case_from(case)  # the model-grid volume and its weak slice labels
         stacks = make_stacks(sc.volume)
-        rec = {
-            "fold": fold, "seriesuid": uid, "flipped": bool(rows.loc[uid, "flipped"]),
-            "shape": "x".join(map(str, case.volume.shape)), "model_grid": "x".join(map(str, sc.volume.shape)),
-            "spacing_mm": "x".join(f"{s:g}" for s in case.volume.spacing),
-            "n_nodules": len(case.annotations), "nodule_voxels": int(case.nodule_mask.sum()),
-            "positive_slices": int(sc.labels.sum()), "stacks": "x".join(map(str, stacks.shape)),
-            "lung_fraction": round(float(case.lung_mask.mean()), 3),
-        }
+        facts = scan_record(case, sc)
+        rec = {"fold": fold, "seriesuid": uid, "flipped": bool(rows.loc[uid, "flipped"]),
+               **{k: facts[k] for k in ("shape", "model_grid", "spacing_mm", "n_nodules", "nodule_voxels",
+                                        "positive_slices", "lung_fraction")},
+               "stacks": "x".join(map(str, stacks.shape))}
         if predictor is not None:
             probs = predict_slices(predictor, sc, size=predictor.input_size)
             rec["slice_acc"] = round(float(np.mean((probs >= 0.5) == sc.labels)), 3)

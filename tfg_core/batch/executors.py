@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import shutil
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -121,6 +122,9 @@ def run_submitit(specs: Sequence[RunSpec], folder: str | os.PathLike, cluster: s
         raise RuntimeError("the SLURM executor needs submitit: pip install submitit (or the [notebooks] extra)") from exc
     if not specs:
         return []
+    if cluster == "slurm" and shutil.which("sbatch") is None:
+        raise RuntimeError("--executor slurm needs SLURM's sbatch on the PATH: run tfg batch on the cluster's login "
+                           "node (or use --executor local)")
     resources = resources or ClusterResources()
     executor = submitit.AutoExecutor(folder=str(Path(folder) / "%j"), cluster=cluster)
     params = resources.submitit_parameters(f"tfg-{specs[0].experiment}")

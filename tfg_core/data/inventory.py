@@ -23,16 +23,18 @@ from tfg_core.errors import TfgError
 SPACING_RANGE_MM = (0.3, 10.0)  # LUNA16 has 0.46–0.98 mm in-plane, 0.45–2.5 mm between slices
 
 
-def scan_record(case: Case, grid_multiple: int = 32) -> dict[str, Any]:
+def scan_record(case: Case, sliced=None, grid_multiple: int = 32) -> dict[str, Any]:
     """Facts about one loaded scan: geometry, the model grid it goes to, nodules, weak slice labels, lung share.
 
     Args:
         case: a loaded scan.
+        sliced: its :class:`~tfg_core.training.slice_data.SliceCase` when already made (else made here).
         grid_multiple: the model grid's side multiple.
     """
     from tfg_core.training.slice_data import slice_case_from
 
-    sliced = slice_case_from(case, grid_multiple)  # the model-grid volume and its weak slice labels
+    if sliced is None:
+        sliced = slice_case_from(case, grid_multiple)  # the model-grid volume and its weak slice labels
     volume = case.volume
     hu = volume.array
     return {
