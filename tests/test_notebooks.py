@@ -89,6 +89,11 @@ def test_preprocess_finetune_and_ablation_notebooks_chain(tmp_path):
         progress=False)
     rows = pd.read_csv(tmp_path / "abl" / "fold1_tiny_ablations.csv")
     assert list(dict.fromkeys(rows.parameter)) == ["default", "strength", "no_prior"]
-    assert set(rows[rows.parameter == "strength"].value) == {2.0}
+    assert set(rows[rows.parameter == "strength"].value.astype(float)) == {2.0}
     assert set(rows.threshold_mode) == {"calibrated", "otsu"} and len(rows) == 3 * 2 * 2
     assert (tmp_path / "abl" / "fold1_tiny_ablations.png").is_file()
+
+    run("06_report.ipynb", results=[], ablations=[str(tmp_path / "abl")], out_dir=str(tmp_path / "report"))
+    assert (tmp_path / "report" / "ablations.png").is_file()
+    pooled = pd.read_csv(tmp_path / "report" / "ablations.csv")
+    assert set(pooled.threshold_mode) == {"calibrated", "otsu"} and (pooled.n >= 1).all()

@@ -80,19 +80,10 @@ def _batch(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> None:
-    import pandas as pd
+    from tfg_core.report import find_result_files, read_result_rows, write_report
 
-    from tfg_core.report import write_report
-
-    files = []
-    for entry in args.results:
-        files += sorted(entry.glob("*.csv")) if entry.is_dir() else [entry]
-    missing = [str(f) for f in files if not f.is_file()]
-    if missing or not files:
-        from tfg_core.errors import DataError
-
-        raise DataError(", ".join(missing) or " ".join(map(str, args.results)), "no result CSV there")
-    rows = pd.concat([pd.read_csv(f) for f in files], ignore_index=True)
+    files = find_result_files(args.results, recursive=True)
+    rows = read_result_rows(files)
     if args.relabel:
         rows["experiment"] = args.relabel
     paths = write_report(rows, args.out, title=args.title, experiment=args.experiment)
@@ -117,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("report", help="Table 1 (markdown + CSV, Wilcoxon vs TFG) from tidy result CSVs")
-    p.add_argument("results", type=Path, nargs="+", help="result CSV files or folders of them")
+    p.add_argument("results", type=Path, nargs="+", help="result CSV files or folders of them (searched recursively)")
     p.add_argument("--out", type=Path, default=Path("results/report"), help="output folder")
     p.add_argument("--title", default="Nodule segmentation", help="table heading")
     p.add_argument("--experiment", default=None, help="report this experiment when the rows hold several")

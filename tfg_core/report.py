@@ -42,6 +42,62 @@ AGGREGATE_COLUMNS = ["experiment", "backbone", "method", "n", "n_folds", "dsc_me
                      "peak_dist_median_mm"]
 
 
+TIDY_COLUMNS = ("fold", "seriesuid", "method", "dsc", "gt_voxels")  # what makes a CSV a table of result rows
+# what identifies one result row (those present): a row read twice (a fold CSV and a batch's rows.csv) counts once
+ROW_KEY = ("experiment", "fold", "seriesuid", "backbone", "method", "params_hash", "threshold_mode", "parameter", "value")
+
+
+def find_result_files(entries: Sequence[str | os.PathLike], recursive: bool = False) -> list[Path]:
+    """CSV files of tidy result rows: files as given, folders searched for ``*.csv`` that hold such rows.
+
+    Args:
+        entries: CSV files and/or folders.
+        recursive: search folders' subfolders too (a ``tfg batch`` results folder has one per run).
+
+    Raises:
+        DataError: an entry that does not exist, or nothing found at all.
+    """
+    from tfg_core.errors import DataError
+
+    files: list[Path] = []
+    for entry in map(Path, entries):
+        if entry.is_dir():
+            for path in sorted(entry.rglob("*.csv") if recursive else entry.glob("*.csv")):
+                try:
+                    header = set(pd.read_csv(path, nrows=0).columns)
+                except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError):
+                    continue
+                if set(TIDY_COLUMNS) <= header:
+                    files.append(path)
+        elif entry.is_file():
+            files.append(entry)
+        else:
+            raise DataError(entry, "no such result file or folder")
+    if not files:
+        raise DataError(", ".join(map(str, entries)), "no CSV of result rows there (columns " + ", ".join(TIDY_COLUMNS) + ")")
+    return files
+
+
+def read_result_rows(entries: Sequence[str | os.PathLike], recursive: bool = False) -> pd.DataFrame:
+    """All tidy result rows from files and folders (:func:`find_result_files`), each row once.
+
+    Args:
+        entries: CSV files and/or folders.
+        recursive: search folders' subfolders too.
+    """
+    from tfg_core.errors import DataError
+
+    frames = []
+    for path in find_result_files(entries, recursive):
+        frame = pd.read_csv(path)
+        missing = [c for c in TIDY_COLUMNS if c not in frame]
+        if missing:
+            raise DataError(path, f"not a table of result rows: missing columns {missing}")
+        frames.append(frame)
+    rows = pd.concat(frames, ignore_index=True)
+    return rows.drop_duplicates(subset=[c for c in ROW_KEY if c in rows], keep="last").reset_index(drop=True)
+
+
 def _ordered(present: Sequence[str], preferred: Sequence[str]) -> list[str]:
     """``preferred`` entries that are present, then the other present ones in order of first appearance."""
     present = list(dict.fromkeys(present))

@@ -17,28 +17,20 @@ import pandas as pd
 from tfg_core.batch.plan import RunSpec
 from tfg_core.io import atomic_write_text
 
-TIDY_COLUMNS = {"method", "dsc", "gt_voxels", "seriesuid", "fold"}
-
 
 def tidy_rows(results_dir: str | os.PathLike) -> pd.DataFrame:
-    """Every tidy result row under a run's results folder (de-duplicated: a fold's CSV may be copied in a report).
+    """Every tidy result row under a run's results folder, each once (empty when there are none).
 
     Args:
         results_dir: the run's results folder.
     """
-    frames = []
-    for path in sorted(Path(results_dir).rglob("*.csv")):
-        try:
-            header = pd.read_csv(path, nrows=0).columns
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError):
-            continue
-        if TIDY_COLUMNS <= set(header):
-            frames.append(pd.read_csv(path))
-    if not frames:
+    from tfg_core.errors import DataError
+    from tfg_core.report import read_result_rows
+
+    try:
+        return read_result_rows([results_dir], recursive=True)
+    except DataError:
         return pd.DataFrame()
-    rows = pd.concat(frames, ignore_index=True)
-    key = [c for c in ("experiment", "fold", "seriesuid", "backbone", "method", "params_hash") if c in rows]
-    return rows.drop_duplicates(subset=key, keep="last").reset_index(drop=True)
 
 
 def summarise_batch(specs: Sequence[RunSpec], outcomes: Sequence[dict[str, Any]],
