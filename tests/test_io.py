@@ -35,3 +35,17 @@ def test_sha256(tmp_path):
     f = tmp_path / "w.bin"
     f.write_bytes(b"abc")
     assert sha256_file(f) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+def test_atomic_files_get_ordinary_permissions(tmp_path):
+    """Not mkstemp's private 0600: results are shared with colleagues and read by other tools."""
+    import os
+
+    from tfg_core.io import atomic_write_text
+
+    mask = os.umask(0o022)
+    try:
+        path = atomic_write_text(tmp_path / "result.csv", "a\n")
+    finally:
+        os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o644

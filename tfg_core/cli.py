@@ -79,6 +79,32 @@ def _batch(args: argparse.Namespace) -> int:
     return 1 if (table.state == "failed").any() else 0
 
 
+def _segment(args: argparse.Namespace) -> int:
+    from tfg_core.experiment import load_flow, load_fold_predictor
+    from tfg_core.guidance import GuidanceConfig
+    from tfg_core.pseudolabel import DEMO_GRID, SegmentConfig, segment_inputs
+
+    threshold = args.threshold if args.threshold == "otsu" else float(args.threshold)
+    grid = tuple(args.grid) if args.grid else (DEMO_GRID if args.flow == "demo" else None)
+    guidance = GuidanceConfig(start_index=args.start_index, guided_steps=args.guided_steps, strength=args.strength,
+                              inner_iterations=args.inner_iterations, loss=args.loss, slice_batch=args.slice_batch)
+    config = SegmentConfig(guidance=guidance, threshold=threshold, grid=grid,
+                           min_component_voxels=args.min_component_voxels)
+    flow = load_flow(args.flow, args.autoencoder, args.unet, device=args.device)
+    predictor = load_fold_predictor(args.fold, "tiny", args.predictor, device=args.device)
+    models = {"flow": args.flow, "autoencoder": str(args.autoencoder or ""), "unet": str(args.unet or ""),
+              "predictor": str(args.predictor) if args.predictor else f"shipped tiny predictor, fold {args.fold}"}
+    table = segment_inputs(args.inputs, args.out, flow, predictor, config, models, resume=args.resume,
+                           progress=not args.quiet)
+    for row in table.itertuples():
+        note = f"error: {row.error}" if row.state == "failed" else \
+            f"{row.components} component(s), {row.mask_volume_mm3:.0f} mm³"
+        print(f"{row.id or row.input}: {row.state} ({row.seconds:.1f} s) {note}")
+    failed = int((table.state == "failed").sum())
+    print(f"{len(table) - failed} of {len(table)} scan(s) segmented or already done → {args.out}")
+    return 1 if failed else 0
+
+
 def _report(args: argparse.Namespace) -> None:
     from tfg_core.report import find_result_files, read_result_rows, write_report
 
@@ -149,6 +175,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the plan (runs, parameters, finished or not)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=_batch)
+
+    p = sub.add_parser("segment", help="segment new scans (.mhd, NIfTI, DICOM folders): NIfTI mask + map, JSON, PNG",
+                       description="Segment nodules in scans without labels: guidance removes them, the thresholded "
+                                   "difference is the mask. Writes <id>_mask.nii.gz, <id>_diff.nii.gz (in the scan's "
+                                   "own geometry), <id>.json and <id>.png per scan to --out.")
+    p.add_argument("inputs", type=Path, nargs="+", help=".mhd files, NIfTI files or DICOM series folders")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--flow", choices=("demo", "maisi-v2"), default="demo",
+                   help="rectified-flow prior: the shipped CPU demo flow or MAISI-v2 (weights below)")
+    p.add_argument("--autoencoder", type=Path, default=None, help="MAISI autoencoder_v1.pt (or $TFG_MAISI_AUTOENCODER)")
+    p.add_argument("--unet", type=Path, default=None, help="MAISI diff_unet_3d_rflow-ct.pt (or $TFG_MAISI_UNET)")
+    p.add_argument("--predictor", type=Path, default=None,
+                   help="slice-classifier checkpoint from `tfg finetune` (default: the shipped tiny predictor)")
+    p.add_argument("--fold", type=int, default=0, help="which shipped tiny predictor, when --predictor is not given")
+    p.add_argument("--grid", type=int, nargs=3, default=None, metavar=("Z", "Y", "X"),
+                   help="model grid (default: 32 64 64 for the demo flow, the scan rounded to multiples of 32 else)")
+    p.add_argument("--threshold", default="otsu", help="'otsu' (inside the lung, label-free) or a map value")
+    p.add_argument("--min-component-voxels", type=int, default=0, help="drop smaller components (model grid)")
+    p.add_argument("--start-index", type=int, default=15, help="sampling step where sampling restarts (of 30)")
+    p.add_argument("--guided-steps", type=int, default=5, help="guided sampling steps")
+    p.add_argument("--strength", type=float, default=1.0, help="guidance step size")
+    p.add_argument("--inner-iterations", type=int, default=1, help="gradient updates per guided step")
+    p.add_argument("--loss", choices=("logit", "bce"), default="logit", help="guidance loss")
+    p.add_argument("--slice-batch", type=int, default=16, help="2.5D stacks per predictor call (memory)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--resume", action="store_true", help="skip scans whose report exists with the same parameters")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_segment)
 
     p = sub.add_parser("phantom", help="write the phantom cohort as a LUNA16-shaped tree")
     p.add_argument("--out", type=Path, default=Path("outputs/phantom"))

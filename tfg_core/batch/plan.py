@@ -184,6 +184,39 @@ def _fill(value: Any, fields: Mapping[str, Any]) -> Any:
     return value
 
 
+_TYPE_CHECKS = {
+    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "bool": lambda v: isinstance(v, bool),
+    "str": lambda v: isinstance(v, str),
+    "list": lambda v: isinstance(v, list),
+    "dict": lambda v: isinstance(v, dict),
+}
+
+
+def check_parameter_types(notebook: str | os.PathLike, declared: Mapping[str, Mapping[str, Any]],
+                          parameters: Mapping[str, Any]) -> None:
+    """Refuse a value whose type differs from the notebook's typed declaration (``fold: int = 0``).
+
+    A wrong type would otherwise fail inside the notebook, in every run, long after the batch started.
+
+    Args:
+        notebook: the notebook (for the message).
+        declared: its parameters (:func:`notebook_parameters`).
+        parameters: what would be injected.
+
+    Raises:
+        ValueError: naming the notebook, the parameter, the declared type and the value.
+    """
+    for name, value in parameters.items():
+        expected = declared.get(name, {}).get("inferred_type_name", "None")
+        check = _TYPE_CHECKS.get(str(expected))
+        if check is not None and not check(value):
+            raise ValueError(f"{Path(notebook).name}: parameter {name} is declared {expected}, got {value!r} "
+                             f"({type(value).__name__}); on the command line numbers, true/false and [lists] are "
+                             f"read as JSON, anything else as text")
+
+
 def plan_runs(notebooks: Sequence[str | os.PathLike], folds: Sequence[int], experiment: str,
               fixed: Mapping[str, Any] | None = None, grid: Mapping[str, Sequence[Any]] | None = None,
               sets: Sequence[Mapping[str, Any]] | None = None, runs_root: str | os.PathLike = "runs",
@@ -249,6 +282,7 @@ def plan_runs(notebooks: Sequence[str | os.PathLike], folds: Sequence[int], expe
                 params.update({k: str(results_dir) for k in RUN_FOLDER_PARAMETERS if k in names})
                 params.update({k: v for k, v in HEADLESS_DEFAULTS.items() if k in names})
                 params.update({k: _fill(v, fields) for k, v in {**fixed, **point}.items() if k in names})
+                check_parameter_types(paths[len(chain)], names, params)
                 chain.append(params)
             specs.append(RunSpec(experiment, run_id, fold, dict(point), tuple(map(str, paths)), tuple(chain),
                                  str(run_dir), str(results_dir), retries, threads, kernel_name))

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from tfg_core.data.volume import Volume
+from tfg_core.errors import DataError
 from tfg_core.io import atomic_write_with
 
 
@@ -37,6 +38,20 @@ def read_nifti(path: str | os.PathLike) -> Volume:
     Args:
         path: the file.
     """
+    import nibabel as nib
     import SimpleITK as sitk
 
-    return Volume.from_sitk(sitk.ReadImage(str(path)), uid=Path(path).name.split(".")[0], source=str(path))
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "no such NIfTI file")
+    try:
+        image = sitk.ReadImage(str(path))
+        stored = nib.load(str(path))
+    except (RuntimeError, OSError, ValueError, nib.filebasedimages.ImageFileError) as exc:
+        raise DataError(path, f"unreadable NIfTI ({str(exc).strip().splitlines()[-1][:200]})") from None
+    # ITK's NIfTI reader turns NaN into 0 without a word; look at the stored values of float images ourselves
+    if np.issubdtype(stored.get_data_dtype(), np.floating):
+        bad = int(np.count_nonzero(~np.isfinite(np.asarray(stored.dataobj))))
+        if bad:
+            raise DataError(path, f"{bad} voxels are NaN or inf")
+    return Volume.from_sitk(image, uid=path.name.split(".")[0], source=str(path))
