@@ -1,6 +1,7 @@
 """Ablation sweeps: the settings, the subsampled split, scoring with both threshold modes, and the figure."""
 
 import zlib
+from pathlib import Path
 
 import matplotlib
 
@@ -81,3 +82,15 @@ def test_sweep_scores_every_setting_with_both_modes(cohort, monkeypatch):
     calibrated = ax.lines[0].get_ydata()
     assert calibrated[2] > calibrated[0]
     assert any(line.get_linestyle() == ":" for line in ax.lines)  # the no-prior reference
+
+
+def test_the_notebook_sweeps_the_default_sweep():
+    import ast
+
+    import papermill as pm
+
+    from tfg_core.ablation import DEFAULT_SWEEP
+
+    notebook = Path(__file__).resolve().parents[1] / "notebooks" / "04_ablations.ipynb"
+    assert ast.literal_eval(pm.inspect_notebook(str(notebook))["sweep"]["default"]) == DEFAULT_SWEEP
+    assert len(one_at_a_time(GuidanceConfig())) == 1 + sum(len(v) - 1 for v in DEFAULT_SWEEP.values()) + 1

@@ -13,15 +13,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
 from tfg_core.data.folds import FoldSplit
 from tfg_core.guidance import GuidanceConfig
 
-# What the paper varies (§ ablations) and this notebook sweeps by default; values around the defaults
-ABLATION_PARAMETERS = ("start_index", "guided_steps", "strength", "inner_iterations", "loss")
+# What 04_ablations sweeps by default (its `sweep` parameter; a test keeps them equal): values around the defaults
 DEFAULT_SWEEP: dict[str, list[Any]] = {
     "start_index": [10, 15, 20],
     "guided_steps": [1, 3, 5, 10],
@@ -48,18 +46,19 @@ class AblationSetting:
     method: str = "tfg"
 
 
-def one_at_a_time(base: GuidanceConfig, sweep: Mapping[str, Sequence[Any]], no_prior: bool = True
+def one_at_a_time(base: GuidanceConfig, sweep: Mapping[str, Sequence[Any]] | None = None, no_prior: bool = True
                   ) -> list[AblationSetting]:
     """The base setting, each swept value that differs from the base (one field changed), and the no-prior run.
 
     Args:
         base: the guidance defaults the sweep is centred on.
-        sweep: field name -> values.
+        sweep: field name -> values (default :data:`DEFAULT_SWEEP`).
         no_prior: add the velocity-0 ablation (base config).
 
     Raises:
         ValueError: an unknown field, or a value the config rejects (e.g. more guided steps than remain).
     """
+    sweep = DEFAULT_SWEEP if sweep is None else sweep
     fields = set(GuidanceConfig.__dataclass_fields__)
     unknown = sorted(set(sweep) - fields)
     if unknown:
@@ -153,14 +152,3 @@ def sweep_values(rows: pd.DataFrame, parameter: str) -> list[str]:
         return sorted(values, key=float)
     except ValueError:
         return values
-
-
-def default_value(config: GuidanceConfig, parameter: str) -> str:
-    """The base config's value of ``parameter`` as the rows spell values."""
-    return str(getattr(config, parameter))
-
-
-def mean_dice(rows: pd.DataFrame) -> float:
-    """Mean Dice over scans with a nodule (NaN when there are none)."""
-    scored = rows[rows.gt_voxels > 0]
-    return float(scored.dsc.mean()) if len(scored) else float(np.nan)
