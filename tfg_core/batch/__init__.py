@@ -103,8 +103,9 @@ def run_batch(notebooks: Sequence[str | os.PathLike], folds: str | Sequence[int]
         threads = max(1, (os.cpu_count() or 1) // max(1, jobs)) if executor == "local" else 0
     specs = plan_runs(notebooks, parse_folds(folds), experiment, fixed, grid, sets, runs_root, results_root,
                       retries, threads)
-    done = [s for s in specs if is_finished(s)]
-    todo = [s for s in specs if not is_finished(s)]
+    finished = [is_finished(s) for s in specs]
+    done = [s for s, f in zip(specs, finished) if f]
+    todo = [s for s, f in zip(specs, finished) if not f]
     out_dir = Path(results_root).resolve() / experiment
     print(f"batch {experiment}: {len(specs)} run(s) of {' → '.join(Path(n).name for n in specs[0].notebooks)}; "
           f"{len(done)} finished earlier (skipped), {len(todo)} to run ({executor}"
@@ -139,7 +140,7 @@ def run_batch(notebooks: Sequence[str | os.PathLike], folds: str | Sequence[int]
         ran = run_submitit(todo, Path(runs_root).resolve() / experiment / "submitit", cluster, resources, report)
     bar.close()
     by_id = {o["run_id"]: o for o in ran}
-    outcomes = [by_id.get(s.run_id) or {**execute_run_status(s), "state": "skipped"} for s in specs]
+    outcomes = [by_id.get(s.run_id) or execute_run(s) for s in specs]  # finished earlier: read from its status
     table = summarise_batch(specs, outcomes, out_dir)
     if progress:
         with pd.option_context("display.width", 200, "display.max_columns", 30, "display.max_colwidth", 60):
@@ -149,18 +150,6 @@ def run_batch(notebooks: Sequence[str | os.PathLike], folds: str | Sequence[int]
               + (f"; FAILED: {', '.join(failed.run_id)} (executed notebooks in {Path(runs_root) / experiment})"
                  if len(failed) else "") + f"; summary in {out_dir / 'summary.csv'}")
     return table
-
-
-def execute_run_status(spec: RunSpec) -> dict[str, Any]:
-    """The outcome of a run that finished in an earlier batch, read from its status file.
-
-    Args:
-        spec: the planned run.
-    """
-    status = read_status(spec.run_dir)
-    return {"run_id": spec.run_id, "fold": spec.fold, "state": status.get("state", "unknown"),
-            "attempts": status.get("attempts", 0), "seconds": status.get("seconds", 0.0),
-            "error": status.get("error", ""), "notebooks": status.get("notebooks", [])}
 
 
 def _git_commit() -> str:

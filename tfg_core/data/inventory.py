@@ -101,9 +101,11 @@ def fold_table(table: pd.DataFrame, fold: int, val_offset: int = 1) -> pd.DataFr
         fold: the held-out fold (test = subset ``fold``, validation = the next subset).
         val_offset: validation subset offset (as :func:`tfg_core.data.folds.fold_split`).
     """
-    val = (fold + val_offset) % 10
-    role = np.where(table.subset == fold, "test", np.where(table.subset == val, "val", "train"))
-    ok = table.assign(role=role)[table.get("error", pd.Series("", index=table.index)).fillna("") == ""]
+    from tfg_core.data.folds import fold_split
+
+    split = fold_split(table, fold, val_offset)  # the one place that says which subset plays which role
+    role = {**{u: "train" for u in split.train}, **{u: "val" for u in split.val}, **{u: "test" for u in split.test}}
+    ok = table.assign(role=table.seriesuid.map(role))[table.get("error", pd.Series("", index=table.index)).fillna("") == ""]
     out = ok.groupby("role").agg(scans=("seriesuid", "size"), scans_with_nodules=("n_nodules", lambda n: int((n > 0).sum())),
                                  nodules=("n_nodules", "sum"), positive_slices=("positive_slices", "sum"),
                                  slices=("slices", "sum"))
