@@ -30,6 +30,7 @@ from tfg_core.flow.maisi import (
     maisi_grid_problems,
     reinit_zero_output,
     replace_maisi_group_norm,
+    use_sdpa_attention,
     to_maisi_layout,
 )
 from tfg_core.flow.schedule import rflow_timesteps
@@ -136,7 +137,11 @@ def test_builders_match_the_published_architecture(reference_signatures, name, c
 
 
 def test_cpu_builders_turn_off_cuda_only_features(flow):
-    assert not any(getattr(m, "use_flash_attention", False) for m in flow.unet.modules())
+    from monai.networks.blocks import SABlock
+
+    # built without MONAI's CUDA-only flag, then switched to SDPA attention, which CPUs run too
+    attention = [m for m in flow.unet.modules() if isinstance(m, SABlock)]
+    assert attention and all(m.use_flash_attention for m in attention)
     norms = [m for m in flow.autoencoder.modules() if isinstance(m, MaisiGroupNorm3D)]
     assert norms and not any(m.norm_float16 for m in norms)
     published = on_meta_with_cuda(lambda: (build_maisi_autoencoder(cpu=False), build_maisi_unet(cpu=False)))
@@ -396,3 +401,20 @@ def test_full_size_checkpoints_round_trip_strictly(flow, tmp_path):
     model = load_maisi_v2(ae_path, unet_path)
     assert_same_weights(model.autoencoder, flow.autoencoder.state_dict())
     assert_same_weights(model.unet, flow.unet.state_dict())
+
+
+def test_sdpa_attention_computes_the_same_velocity(tiny_flow):
+    from monai.networks.blocks import SABlock
+
+    explicit = copy.deepcopy(tiny_flow)
+    for m in explicit.unet.modules():
+        if isinstance(m, SABlock):
+            m.use_flash_attention = False
+    reinit_zero_output(explicit.unet, seed=1)
+    sdpa = copy.deepcopy(explicit)
+    use_sdpa_attention(sdpa.unet)
+    assert sum(isinstance(m, SABlock) and m.use_flash_attention for m in sdpa.unet.modules()) > 0
+    z = torch.randn(1, 4, 16, 16, 16, generator=torch.Generator().manual_seed(0))  # 2x2x2 at the deepest level
+    with torch.no_grad():
+        a, b = explicit.velocity(z, 400.0), sdpa.velocity(z, 400.0)
+    assert a.abs().max() > 0 and torch.allclose(a, b, atol=1e-5 * float(a.abs().max()))

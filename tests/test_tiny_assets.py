@@ -62,7 +62,7 @@ def test_shipped_fold0_predictor_detects_nodules_on_its_held_out_test_scans(coho
     assert metrics["f1"] == pytest.approx(ENTRIES["tiny_predictor_fold0.pt"]["test_f1"], abs=0.02)
 
 
-@pytest.mark.slow
+@pytest.mark.retrain
 def test_fine_tuning_with_the_tiny_defaults_learns_the_phantom_task(cohort, tmp_path):
     # the shipped fold-0 recipe end to end (≈ 2 min on two free cores): chance is F1 ≈ 0.3, AUC 0.5;
     # the previous strided, mean-pooled design stayed at F1 ≤ 0.39 with this budget

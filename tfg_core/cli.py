@@ -87,7 +87,8 @@ def _segment(args: argparse.Namespace) -> int:
     threshold = args.threshold if args.threshold == "otsu" else float(args.threshold)
     grid = tuple(args.grid) if args.grid else (DEMO_GRID if args.flow == "demo" else None)
     guidance = GuidanceConfig(start_index=args.start_index, guided_steps=args.guided_steps, strength=args.strength,
-                              inner_iterations=args.inner_iterations, loss=args.loss, slice_batch=args.slice_batch)
+                              inner_iterations=args.inner_iterations, loss=args.loss, slice_batch=args.slice_batch,
+                              decoder=args.decoder, slab_slices=args.slab_slices)
     config = SegmentConfig(guidance=guidance, threshold=threshold, grid=grid,
                            min_component_voxels=args.min_component_voxels)
     flow = load_flow(args.flow, args.autoencoder, args.unet, device=args.device)
@@ -199,6 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inner-iterations", type=int, default=1, help="gradient updates per guided step")
     p.add_argument("--loss", choices=("logit", "bce"), default="logit", help="guidance loss")
     p.add_argument("--slice-batch", type=int, default=16, help="2.5D stacks per predictor call (memory)")
+    p.add_argument("--decoder", choices=("auto", "slab", "full"), default="auto",
+                   help="back-propagation through the decoder: slab decoding (MAISI-v2's default) or whole volume")
+    p.add_argument("--slab-slices", type=int, default=None,
+                   help="bound slab decoding's memory: decode and back-propagate this many slices at a time")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--resume", action="store_true", help="skip scans whose report exists with the same parameters")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

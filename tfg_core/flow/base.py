@@ -8,9 +8,12 @@ expect another layout converts inside its own methods. Time follows ``tfg_core.f
 from __future__ import annotations
 
 import abc
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
+
+if TYPE_CHECKING:
+    from tfg_core.flow.slab import DecoderStages
 
 
 class FlowModel(abc.ABC):
@@ -18,6 +21,8 @@ class FlowModel(abc.ABC):
 
     #: length of the time axis that ``velocity`` and the grid are expressed in
     num_train_timesteps: int = 1000
+    #: how ``GuidanceConfig(decoder="auto")`` back-propagates through this flow's decoder ("full" or "slab")
+    default_decoder: str = "full"
 
     @abc.abstractmethod
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -64,6 +69,12 @@ class FlowModel(abc.ABC):
         Args:
             image_shape: the image's shape.
         """
+
+
+    def decoder_stages(self) -> "DecoderStages | None":
+        """The decoder split into blocks for slab decoding (``tfg_core.flow.slab``); None when the flow cannot
+        decode by slabs, and the guidance then back-propagates through a whole-volume ``decode``."""
+        return None
 
 
 def check_layout(a: torch.Tensor, channels: int, factor: int, what: str) -> None:

@@ -37,6 +37,7 @@ from tfg_core.checkpoints import load_checkpoint, load_state_dict_strict, verify
 from tfg_core.errors import CheckpointError, DataError
 from tfg_core.flow.base import FlowModel, check_layout
 from tfg_core.flow.schedule import NUM_TRAIN_TIMESTEPS, rflow_timesteps
+from tfg_core.flow.slab import DecoderStages
 
 ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets"
 DEMO_FLOW_PATH = ASSETS_DIR / "demo_flow.pt"
@@ -110,6 +111,10 @@ class DemoFlow(FlowModel, nn.Module):
         scale_factor: latent scale factor (1 / std of the training posterior means).
     """
 
+    # a 32x64x64 volume back-propagates through the whole decoder in megabytes, so the demo keeps the exact gradient
+    # (slab decoding holds the GroupNorm statistics constant; tests/test_slab.py measures what that changes)
+    default_decoder = "full"
+
     def __init__(self, autoencoder: AutoencoderKL, unet: DiffusionModelUNet, scale_factor: float | torch.Tensor):
         nn.Module.__init__(self)
         self.autoencoder = autoencoder
@@ -139,6 +144,13 @@ class DemoFlow(FlowModel, nn.Module):
         """
         self._check(z, self.latent_channels, 1, "latent")
         return self.autoencoder.decode(z / self.scale_factor)
+
+    def decoder_stages(self) -> DecoderStages:
+        """``AutoencoderKL.decode`` as blocks for slab decoding: the 1x1 ``post_quant_conv`` then the decoder's
+        blocks, all in this project's layout (z is dim 2)."""
+        ae = self.autoencoder
+        return DecoderStages(prepare=lambda z: z / self.scale_factor, blocks=[ae.post_quant_conv, *ae.decoder.blocks],
+                             finish=lambda x: x, axis=2)
 
     def velocity(self, z: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
         """UNet velocity ``v = x0 - eps`` at latent ``z`` and time ``t`` in [0, 1000] (scalar or ``(B,)``).

@@ -37,12 +37,14 @@ from monai.apps.generation.maisi.networks.autoencoderkl_maisi import (
 )
 from monai.apps.generation.maisi.networks.diffusion_model_unet_maisi import DiffusionModelUNetMaisi
 from monai.bundle import ConfigParser
+from monai.networks.blocks import SABlock
 from torch import nn
 
 from tfg_core.checkpoints import load_checkpoint, load_state_dict_strict, resolve_weights
 from tfg_core.errors import CheckpointError, DataError
 from tfg_core.flow.base import FlowModel, check_layout
 from tfg_core.flow.schedule import NUM_TRAIN_TIMESTEPS, rflow_timesteps
+from tfg_core.flow.slab import DecoderStages
 
 CONFIG_PATH = Path(__file__).resolve().parent / "configs" / "maisi_v2_config_network_rflow.json"
 AUTOENCODER_WEIGHTS = "maisi_autoencoder"  # data_manifest/weights.json keys
@@ -99,12 +101,30 @@ def build_maisi_unet(config: Mapping[str, Any] | None = None, cpu: bool = True) 
 
     Args:
         config: network config (``load_maisi_config()`` when None).
-        cpu: turn off flash attention (its constructor requires CUDA); the state dict is unchanged.
+        cpu: build without the ``use_flash_attention`` flag (MONAI's constructor refuses it without CUDA), then
+            switch the attention blocks to ``scaled_dot_product_attention`` anyway (``use_sdpa_attention``), which
+            runs on CPUs too; the state dict is unchanged.
     """
     kwargs = _network_kwargs(config if config is not None else load_maisi_config(), "diffusion_unet_def")
     if cpu:
+        sdpa = bool(kwargs.get("use_flash_attention", False))
         kwargs.update(use_flash_attention=False)
+        return use_sdpa_attention(DiffusionModelUNetMaisi(**kwargs)) if sdpa else DiffusionModelUNetMaisi(**kwargs)
     return DiffusionModelUNetMaisi(**kwargs)
+
+
+def use_sdpa_attention(network: nn.Module) -> nn.Module:
+    """Make every MONAI self-attention block use ``torch.nn.functional.scaled_dot_product_attention`` (the path MONAI
+    calls "flash attention": fused kernels, no attention matrix kept for the backward pass) instead of an explicit
+    einsum + softmax; same function, same parameters.
+
+    Args:
+        network: the network to modify in place.
+    """
+    for block in network.modules():
+        if isinstance(block, SABlock) and not block.save_attn and block.rel_positional_embedding is None:
+            block.use_flash_attention = True
+    return network
 
 
 def reinit_zero_output(unet: DiffusionModelUNetMaisi, seed: int = 0) -> DiffusionModelUNetMaisi:
@@ -198,8 +218,14 @@ class MaisiFlow(FlowModel, nn.Module):
         scale_factor: latent scale factor stored with the UNet weights.
         spacing_zyx_mm: spacing of the grid the model sees, (z, y, x) mm; set it per volume before ``velocity``.
         modality: class label given to the UNet (1 = CT).
-        amp: run under CUDA fp16 autocast, as NVIDIA's inference does; None means "when on CUDA".
+        amp: run under autocast; None means "when on CUDA".
+        amp_dtype: autocast dtype of the UNet and the encoder (float16, as NVIDIA's inference).
+        decoder_amp_dtype: autocast dtype of the decoder (bfloat16: the guided step back-propagates through it, and
+            bf16 has float32's range, so gradients cannot overflow without loss scaling; half the memory of fp32).
     """
+
+    # whole-volume backprop through this decoder needs ~9 GB at 128x128x64 and ~74 GB at 256x256x128
+    default_decoder = "slab"
 
     def __init__(
         self,
@@ -209,6 +235,8 @@ class MaisiFlow(FlowModel, nn.Module):
         spacing_zyx_mm: Sequence[float] | None = None,
         modality: int = CT_MODALITY,
         amp: bool | None = None,
+        amp_dtype: torch.dtype = torch.float16,
+        decoder_amp_dtype: torch.dtype = torch.bfloat16,
     ):
         nn.Module.__init__(self)
         self.autoencoder = autoencoder
@@ -217,6 +245,8 @@ class MaisiFlow(FlowModel, nn.Module):
         self.spacing_zyx_mm = None if spacing_zyx_mm is None else tuple(float(s) for s in spacing_zyx_mm)
         self.modality = int(modality)
         self.amp = amp
+        self.amp_dtype = amp_dtype
+        self.decoder_amp_dtype = decoder_amp_dtype
         self.latent_channels = int(autoencoder.latent_channels)
         self.vae_factor = 2 ** sum(isinstance(m, MaisiDownsample) for m in autoencoder.encoder.modules())
         self.unet_factor = 2 ** (len(unet.block_out_channels) - 1)
@@ -227,10 +257,13 @@ class MaisiFlow(FlowModel, nn.Module):
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
 
-    def _autocast(self) -> torch.autocast:
+    def _autocast(self, dtype: torch.dtype | None = None) -> torch.autocast:
         device = self.device
         enabled = device.type == "cuda" if self.amp is None else bool(self.amp)
-        return torch.autocast(device_type=device.type, dtype=torch.float16, enabled=enabled)
+        return torch.autocast(device_type=device.type, dtype=dtype or self.amp_dtype, enabled=enabled)
+
+    def _decoder_autocast(self) -> torch.autocast:
+        return self._autocast(self.decoder_amp_dtype)
 
     _check = staticmethod(check_layout)
 
@@ -256,9 +289,21 @@ class MaisiFlow(FlowModel, nn.Module):
             z: latent batch.
         """
         self._check(z, self.latent_channels, 1, "latent")
-        with self._autocast():
+        with self._decoder_autocast():
             x = self.autoencoder.decode(to_maisi_layout(z) / self.scale_factor)
         return from_maisi_layout(x.float())
+
+    def decoder_stages(self) -> DecoderStages:
+        """``decode`` as blocks for slab decoding: layout change and scale factor, the 1x1 ``post_quant_conv``, then
+        the decoder's blocks, in MAISI's layout (this project's z is MAISI's last axis, dim 4)."""
+        ae = self.autoencoder
+        return DecoderStages(
+            prepare=lambda z: to_maisi_layout(z) / self.scale_factor,
+            blocks=[ae.post_quant_conv, *ae.decoder.blocks],
+            finish=lambda x: from_maisi_layout(x.float()),
+            axis=4,
+            autocast=self._decoder_autocast,
+        )
 
     def spacing_tensor(self, batch: int) -> torch.Tensor:
         """The UNet's ``spacing_tensor``: spacing in mm x 100, (x, y, z) order, shape ``(batch, 3)``.
