@@ -114,6 +114,45 @@ def _wall(kind: str, mode: str, decoder: str, device: str, queue) -> None:
                "steps": f"{config.num_steps}/{config.start_index}/{config.guided_steps}"})
 
 
+def _breakdown(kind: str, decoder: str, device: str, queue) -> None:
+    """Seconds of the evaluations a run is made of: one velocity call, one decode (no graph), one guided update."""
+    from tfg_core.flow.schedule import clean_estimate
+    from tfg_core.guidance import GuidanceConfig, guided_update, positive_slices
+    from tfg_core.predictors import build_predictor
+
+    torch.manual_seed(0)
+    if kind == "tiny":
+        flow, predictor, x = _tiny_case()
+        config = GuidanceConfig(decoder=decoder)
+    else:
+        flow, predictor = _maisi(device, naive=decoder == "full"), build_predictor("tiny").eval()
+        x = torch.rand(32, 64, 64)
+        config = GuidanceConfig(num_steps=6, start_index=3, guided_steps=1, positive_threshold=0.0, decoder=decoder)
+    flow, predictor, x = flow.to(device), predictor.to(device), x.to(device)
+    with torch.no_grad():
+        z = flow.encode(x[None, None])
+    t = flow.timesteps(config.num_steps, latent_shape=tuple(z.shape))[config.start_index]
+    positives, _ = positive_slices(predictor, x, config.positive_threshold)
+
+    def timed(fn) -> float:
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        return sorted(times)[1]
+
+    with torch.no_grad():
+        v = flow.velocity(z, t)
+        velocity = timed(lambda: flow.velocity(z, t))
+        decode = timed(lambda: flow.decode(clean_estimate(z, v, t)))
+    update = timed(lambda: guided_update(flow, predictor, z, t, v, positives, config))
+    queue.put({"kind": kind, "decoder": decoder, "velocity_s": velocity, "decode_s": decode, "update_s": update,
+               "positives": len(positives)})
+
+
 def _step(mode: str, shape: tuple[int, int, int], device: str, slab_slices: int | None, queue) -> None:
     from tfg_core.guidance import GuidanceConfig, guided_update
     from tfg_core.predictors import build_predictor
@@ -164,6 +203,15 @@ def wall_ratios(kind: str, device: str) -> list[dict]:
             rows.append(r)
             print(f"{kind:5s} {r['steps']:>8s} {decoder:5s} {mode:13s} {r['seconds']:8.2f} s  x{r['ratio']:.2f}  "
                   f"(velocity calls x{r['call_ratio']:.2f})  peak {r['peak_mib']:7.0f} MiB", flush=True)
+        b = run(_breakdown, kind, decoder, device)
+        n, g = unguided["velocity_calls"], int(unguided["steps"].split("/")[2])
+        # what the guided run must evaluate on top of the unguided one: one guided update per guided step
+        floor = (n * b["velocity_s"] + b["decode_s"] + g * b["update_s"]) / (n * b["velocity_s"] + b["decode_s"])
+        b["floor_ratio"] = floor
+        rows.append(b)
+        print(f"{kind:5s} {'':>8s} {decoder:5s} one velocity {b['velocity_s']:.3f} s, one decode {b['decode_s']:.3f} s, "
+              f"one guided update ({b['positives']} positive slices) {b['update_s']:.3f} s -> guided-run floor "
+              f"x{floor:.2f}", flush=True)
     return rows
 
 
