@@ -61,8 +61,7 @@ def frozen_statistics_decode(flow, latent: torch.Tensor) -> torch.Tensor:
         y = ((groups - mean) / torch.sqrt(var + norm.eps)).reshape(x.shape)
         return y * norm.weight.view(1, -1, 1, 1, 1) + norm.bias.view(1, -1, 1, 1, 1)
 
-    norms = [m for m in flow.modules() if isinstance(m, torch.nn.GroupNorm) and m in set(
-        m2 for b in flow.decoder_stages().blocks for m2 in b.modules())]
+    norms = [m for b in flow.decoder_stages().blocks for m in b.modules() if isinstance(m, torch.nn.GroupNorm)]
     try:
         for norm in norms:
             norm.forward = lambda x, norm=norm: forward(norm, x)

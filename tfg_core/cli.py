@@ -45,8 +45,8 @@ def _demo(args: argparse.Namespace) -> None:
     from tfg_core.guidance import GuidanceConfig
 
     methods = None if args.methods is None else (ALL_DEMO_METHODS if "all" in args.methods else args.methods)
-    run_demo_folds(args.fold, out=args.out, config=GuidanceConfig(loss=args.loss), methods=methods,
-                   progress=not args.quiet)
+    config = GuidanceConfig(loss=args.loss, decoder=args.decoder)
+    run_demo_folds(args.fold, out=args.out, config=config, methods=methods, progress=not args.quiet)
 
 
 def _batch(args: argparse.Namespace) -> int:
@@ -128,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="held-out LUNA16-style fold(s) 0-9; several print a pooled summary too")
     p.add_argument("--loss", choices=("logit", "bce"), default="logit",
                    help="guidance loss: raw logit (default, measured) or the paper's BCE towards 0")
+    p.add_argument("--decoder", choices=("auto", "slab", "full"), default="auto",
+                   help="back-propagation through the decoder (the demo flow's auto = full; see README, Performance)")
     p.add_argument("--methods", nargs="+", default=None, metavar="METHOD", choices=(*ALL_DEMO_METHODS, "all"),
                    help="methods to run: " + " ".join(ALL_DEMO_METHODS) + " or all (default: all but weakmedsam, "
                         "whose LiteMedSAM encoder costs seconds per slice on a CPU; tfg and unguided share one run)")

@@ -8,7 +8,8 @@ expect another layout converts inside its own methods. Time follows ``tfg_core.f
 from __future__ import annotations
 
 import abc
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -70,8 +71,7 @@ class FlowModel(abc.ABC):
             image_shape: the image's shape.
         """
 
-
-    def decoder_stages(self) -> "DecoderStages | None":
+    def decoder_stages(self) -> DecoderStages | None:
         """The decoder split into blocks for slab decoding (``tfg_core.flow.slab``); None when the flow cannot
         decode by slabs, and the guidance then back-propagates through a whole-volume ``decode``."""
         return None
