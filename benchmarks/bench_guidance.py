@@ -75,9 +75,8 @@ def _tiny_case():
     return load_demo_flow(), load_shipped_predictor(case.subset).requires_grad_(False), x
 
 
-def _wall(kind: str, mode: str, decoder: str, device: str, queue) -> None:
-    from tfg_core.flow.schedule import invert, run_to_end, sample
-    from tfg_core.guidance import GuidanceConfig, guide, run_guidance
+def _setup(kind: str, decoder: str, device: str):
+    """Flow, predictor, image and guidance config of a wall-time measurement (see the module docstring)."""
     from tfg_core.predictors import build_predictor
 
     torch.manual_seed(0)
@@ -88,7 +87,14 @@ def _wall(kind: str, mode: str, decoder: str, device: str, queue) -> None:
         flow, predictor = _maisi(device, naive=decoder == "full"), build_predictor("tiny").eval()
         x = torch.rand(32, 64, 64)
         config = GuidanceConfig(num_steps=6, start_index=3, guided_steps=1, positive_threshold=0.0, decoder=decoder)
-    flow, predictor, x = flow.to(device), predictor.to(device), x.to(device)
+    return flow.to(device), predictor.to(device), x.to(device), config
+
+
+def _wall(kind: str, mode: str, decoder: str, device: str, queue) -> None:
+    from tfg_core.flow.schedule import invert, run_to_end, sample
+    from tfg_core.guidance import guide, run_guidance
+
+    flow, predictor, x, config = _setup(kind, decoder, device)
     calls = []
     velocity = flow.velocity
     flow.velocity = lambda z, t: calls.append(1) or velocity(z, t)  # count network evaluations
@@ -117,18 +123,9 @@ def _wall(kind: str, mode: str, decoder: str, device: str, queue) -> None:
 def _breakdown(kind: str, decoder: str, device: str, queue) -> None:
     """Seconds of the evaluations a run is made of: one velocity call, one decode (no graph), one guided update."""
     from tfg_core.flow.schedule import clean_estimate
-    from tfg_core.guidance import GuidanceConfig, guided_update, positive_slices
-    from tfg_core.predictors import build_predictor
+    from tfg_core.guidance import guided_update, positive_slices
 
-    torch.manual_seed(0)
-    if kind == "tiny":
-        flow, predictor, x = _tiny_case()
-        config = GuidanceConfig(decoder=decoder)
-    else:
-        flow, predictor = _maisi(device, naive=decoder == "full"), build_predictor("tiny").eval()
-        x = torch.rand(32, 64, 64)
-        config = GuidanceConfig(num_steps=6, start_index=3, guided_steps=1, positive_threshold=0.0, decoder=decoder)
-    flow, predictor, x = flow.to(device), predictor.to(device), x.to(device)
+    flow, predictor, x, config = _setup(kind, decoder, device)
     with torch.no_grad():
         z = flow.encode(x[None, None])
     t = flow.timesteps(config.num_steps, latent_shape=tuple(z.shape))[config.start_index]
@@ -154,7 +151,7 @@ def _breakdown(kind: str, decoder: str, device: str, queue) -> None:
 
 
 def _step(mode: str, shape: tuple[int, int, int], device: str, slab_slices: int | None, queue) -> None:
-    from tfg_core.guidance import GuidanceConfig, guided_update
+    from tfg_core.guidance import guided_update
     from tfg_core.predictors import build_predictor
 
     flow = _maisi(device, naive=mode == "naive")
