@@ -12,8 +12,12 @@ as the identity, so the update uses the gradient w.r.t. the clean estimate. ``gr
 differentiates through the network as well. The loss is the paper's BCE towards label 0 (``softplus(logit)``) or
 the raw logit; BCE's gradient is ``sigmoid(logit)`` times the logit's, so it fades once a slice looks negative.
 
+The decoder is back-propagated either through a whole-volume decode (``decoder="full"``) or by slabs: the clean
+estimate is decoded once without a graph and only the axial runs the loss reads are decoded again with one
+(``decoder="slab"``, ``tfg_core.flow.slab``), which is what makes MAISI-v2 at full size fit in memory.
+
 ``guide`` yields a ``GuidanceStep`` per step (for notebooks and tests); ``run_guidance`` runs it to the end and adds
-the unguided reference, which starts from the same inverted latent.
+the unguided reference, which starts from the same inverted latent and reuses the guided run's first velocity.
 """
 
 from __future__ import annotations
