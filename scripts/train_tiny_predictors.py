@@ -3,7 +3,8 @@
 Run: ``python scripts/train_tiny_predictors.py [--folds 0 1 …] [--root DIR] [--out-dir tfg_core/assets]``.
 
 Each fold k is ``finetune_fold(root, k, "tiny")`` (test = subset k, val = subset k+1, train = the rest) on the
-default phantom cohort (``PhantomConfig()``, seed 0), with the tiny defaults and seed 0. Folds run sequentially
+default phantom cohort (``PhantomConfig()``, seed 0), with the tiny defaults and seed 0: it starts from the shipped
+pretrained tiny predictor's backbone (``scripts/pretrain_tiny_predictor.py``, an external cohort, seed 1). Folds run sequentially
 (the CPU is shared); the manifest is rewritten after each fold so an interrupted run keeps what it finished.
 Besides the validation F1 that picked the checkpoint (an optimistic number: it is the best of several checks),
 the manifest records the slice F1 and AUC on the fold's held-out test scans, which training never saw.
@@ -17,9 +18,10 @@ import sys
 import time
 from pathlib import Path
 
+from tfg_core.data.folds import fold_split
 from tfg_core.data.phantom import PhantomConfig, write_cohort
 from tfg_core.io import atomic_write_text, sha256_file
-from tfg_core.data.folds import fold_split
+from tfg_core.predictors.tiny import PRETRAINED_PATH
 from tfg_core.training.checkpoint import load_predictor
 from tfg_core.training.finetune import TINY_DEFAULTS, evaluate
 from tfg_core.training.run import ensure_manifest, finetune_fold, load_slice_cases
@@ -60,8 +62,10 @@ def main(argv: list[str] | None = None) -> int:
                        + (f" --iterations {args.iterations}" if args.iterations else ""),
             "cohort": "PhantomConfig() seed 0", "fold": fold, "val_f1": best["f1"], "best_iteration": best["iteration"],
             "test_f1": test["f1"], "test_auc": test["auc"],
-            "wall_s": round(time.perf_counter() - start, 1), "config": {**TINY_DEFAULTS, "seed": 0,
-                                                                       **({"iterations": args.iterations} if args.iterations else {})},
+            "wall_s": round(time.perf_counter() - start, 1),
+            "config": {**TINY_DEFAULTS, "pretrained_path": f"tfg_core/assets/{PRETRAINED_PATH.name}", "seed": 0,
+                       **({"iterations": args.iterations} if args.iterations else {})},
+            "pretrained_sha256": sha256_file(PRETRAINED_PATH),
         }
         atomic_write_text(manifest_path, json.dumps(dict(sorted(entries.items())), indent=2) + "\n")
         print(f"fold {fold}: val F1 {best['f1']:.3f} (iteration {best['iteration']}), test F1 {test['f1']:.3f} "

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from tfg_core.predictors import build_predictor
-from tfg_core.training.calibration import bias_shifted, prior_logit, recalibrate_batchnorm
+from tfg_core.training.calibration import bias_shifted, f1_optimal_shift, prior_logit, recalibrate_batchnorm
 
 
 def test_prior_logit_is_the_log_odds_of_the_positive_share():
@@ -57,3 +57,33 @@ def test_recalibration_with_zero_batches_changes_nothing():
     model[1].running_mean.fill_(3.0)
     assert recalibrate_batchnorm(model, lambda: torch.randn(2, 1, 4, 4), n_batches=0) == 0
     assert torch.equal(model[1].running_mean, torch.full((2,), 3.0)) and model.training
+
+
+def _f1_at(logits, labels, offset):
+    from tfg_core.training.finetune import binary_metrics
+
+    return binary_metrics((np.asarray(logits) + offset >= 0).astype(float), labels)["f1"]
+
+
+def test_f1_optimal_shift_places_the_boundary_between_the_best_cut_and_beats_every_other_offset():
+    # descending logits 3, 2, 1, 0, -1 with labels 1, 1, 0, 1, 0: cuts k = 1..5 give F1 = 2/4, 4/5, 4/6, 6/7, 6/8
+    logits, labels = np.array([1.0, 3.0, -1.0, 0.0, 2.0]), np.array([0, 1, 0, 1, 1])
+    offset = f1_optimal_shift(logits, labels)
+    assert type(offset) is float  # not a NumPy scalar: it ends up in checkpoints read with weights_only=True
+    assert offset == pytest.approx(0.5)  # boundary half-way between 0 (last positive) and -1
+    assert _f1_at(logits, labels, offset) == pytest.approx(6 / 7)
+    rng = np.random.default_rng(0)
+    for _ in range(20):  # exhaustive check on random scores, ties included
+        z = rng.integers(-5, 6, 40).astype(float)
+        y = rng.random(40) < 0.3
+        best = max(_f1_at(z, y, -t) for t in np.concatenate([z, [z.max() + 1]]))
+        assert _f1_at(z, y, f1_optimal_shift(z, y)) == pytest.approx(best)
+
+
+def test_f1_optimal_shift_edge_cases():
+    assert f1_optimal_shift(np.array([0.3, -2.0]), np.array([0, 0])) == 0.0  # no positive: nothing to gain
+    assert f1_optimal_shift(np.array([-4.0, -5.0]), np.array([1, 1])) > 5.0  # all positive: every slice called
+    with pytest.raises(ValueError, match="finite"):
+        f1_optimal_shift(np.array([np.inf, 0.0]), np.array([1, 0]))
+    with pytest.raises(ValueError, match="shape"):
+        f1_optimal_shift(np.zeros(3), np.zeros(2))

@@ -399,7 +399,7 @@ def test_registry_builds_each_backbone_and_refuses_nonsense(tmp_path):
     assert build_predictor("tiny", in_slices=5).in_slices == 5
     with pytest.raises(ValueError, match="unknown predictor 'vit'"):
         build_predictor("vit")
-    with pytest.raises(ValueError, match="no published pretrained"):
+    with pytest.raises(CheckpointError, match="no pretrained tiny predictor there.*pretrain_tiny_predictor.py"):
         build_predictor("tiny", pretrained_path=tmp_path / "x.pt")
     with pytest.raises(ValueError, match="odd"):
         build_predictor("tiny", in_slices=8)
@@ -431,3 +431,54 @@ def test_lse_cam_head_runs_from_mean_to_max_and_keeps_the_cam_exact():
     torch.testing.assert_close(soft(feats), soft.pool_cam(cam) + soft.bias)
     with pytest.raises(ValueError, match="sharpness"):
         LseCamHead(5, sharpness=0.0)
+
+
+# ---------------------------------------------------------------- the tiny predictor's pretrained backbone
+
+
+def _saved_tiny(path: Path, seed: int) -> TinyPredictor:
+    from tfg_core.training.checkpoint import save_predictor
+
+    torch.manual_seed(seed)
+    model = TinyPredictor()
+    save_predictor(path, model, "tiny", {}, {"f1": 0.5}, None)
+    return model
+
+
+def test_tiny_pretrained_backbone_moves_the_encoder_and_keeps_the_fresh_head(tmp_path):
+    from tfg_core.predictors.tiny import load_tiny_pretrained
+
+    source = _saved_tiny(tmp_path / "pre.pt", seed=1)
+    torch.manual_seed(2)
+    fresh = TinyPredictor()
+    fresh_head = {k: v.clone() for k, v in fresh.head.state_dict().items()}
+    loaded = load_tiny_pretrained(fresh, tmp_path / "pre.pt")
+    for k, v in source.encoder.state_dict().items():  # every weight and BatchNorm statistic of the backbone
+        torch.testing.assert_close(loaded.encoder.state_dict()[k], v, rtol=0, atol=0)
+    for k, v in fresh_head.items():  # the head is not transferred: fine-tuning starts from a fresh one
+        torch.testing.assert_close(loaded.head.state_dict()[k], v, rtol=0, atol=0)
+    assert not torch.equal(loaded.head.conv.weight, source.head.conv.weight)
+    via_registry = build_predictor("tiny", pretrained_path=tmp_path / "pre.pt")
+    torch.testing.assert_close(via_registry.encoder[0].conv.weight, source.encoder[0].conv.weight, rtol=0, atol=0)
+
+
+def test_tiny_pretrained_backbone_refuses_wrong_keys_wrong_backbones_and_corrupt_listed_files(tmp_path):
+    import json
+
+    from tfg_core.training.checkpoint import FORMAT, save_predictor
+
+    model = _saved_tiny(tmp_path / "ok.pt", seed=3)
+    state = {k: v for k, v in model.state_dict().items()}
+    state["encoder.0.conv.weight"] = torch.zeros(32, 5, 3, 3)  # 5-slice stem: mis-shaped
+    state["encoder.9.extra"] = torch.zeros(1)
+    torch.save({"format": FORMAT, "backbone": "tiny", "in_slices": 9, "state_dict": state}, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError) as err:
+        build_predictor("tiny", pretrained_path=tmp_path / "bad.pt")
+    assert "0.conv.weight: checkpoint (32, 5, 3, 3) vs model (32, 9, 3, 3)" in str(err.value)
+    assert "unexpected (1)" in str(err.value) and "9.extra" in str(err.value)
+    save_predictor(tmp_path / "resnet.pt", model, "resnet50", {}, {}, None)
+    with pytest.raises(CheckpointError, match="not a tiny predictor checkpoint"):
+        build_predictor("tiny", pretrained_path=tmp_path / "resnet.pt")
+    (tmp_path / "assets.json").write_text(json.dumps({"ok.pt": {"sha256": "0" * 64}}))
+    with pytest.raises(CheckpointError, match="sha256 mismatch"):
+        build_predictor("tiny", pretrained_path=tmp_path / "ok.pt")

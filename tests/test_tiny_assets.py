@@ -35,6 +35,25 @@ def test_every_fold_has_a_listed_predictor_with_its_retraining_command():
         assert entry["fold"] == fold and 0.0 <= entry["test_f1"] <= 1.0
 
 
+def test_the_pretrained_tiny_predictor_is_listed_and_learned_the_task_on_an_external_cohort(cohort):
+    from tfg_core.predictors.tiny import PRETRAINED_PATH
+    from tfg_core.training.checkpoint import load_predictor
+    from tfg_core.training.finetune import TINY_DEFAULTS
+
+    entry = ENTRIES[PRETRAINED_PATH.name]
+    assert entry["command"] == "python scripts/pretrain_tiny_predictor.py"
+    assert TINY_DEFAULTS["pretrained_path"] == str(PRETRAINED_PATH)
+    for fold in range(10):  # every fold predictor was fine-tuned from this very file
+        assert ENTRIES[f"tiny_predictor_fold{fold}.pt"]["pretrained_sha256"] == entry["sha256"]
+    # pretrained on cohort seed 1 only, so every scan of the evaluation cohort (seed 0) is unseen: with its own head
+    # it should already find the nodule slices of fold 0's test scans
+    manifest, _ = ensure_manifest(cohort)
+    test = load_slice_cases(cohort, manifest, fold_split(manifest, 0).test)
+    model, _ = load_predictor(PRETRAINED_PATH)
+    metrics = evaluate(model, test)
+    assert metrics["auc"] >= 0.9, metrics
+
+
 def test_a_corrupted_shipped_predictor_is_refused(tmp_path, monkeypatch):
     import tfg_core.demo as demo
 
@@ -64,8 +83,8 @@ def test_shipped_fold0_predictor_detects_nodules_on_its_held_out_test_scans(coho
 
 @pytest.mark.retrain
 def test_fine_tuning_with_the_tiny_defaults_learns_the_phantom_task(cohort, tmp_path):
-    # the shipped fold-0 recipe end to end (≈ 2 min on two free cores): chance is F1 ≈ 0.3, AUC 0.5;
-    # the previous strided, mean-pooled design stayed at F1 ≤ 0.39 with this budget
+    # the shipped fold-0 recipe end to end (≈ 2.5 min on two free cores; from the shipped pretrained backbone): chance
+    # is F1 ≈ 0.3, AUC 0.5; measured val F1 0.92 (0.88 from scratch with 1100 steps, the previous recipe)
     result = finetune_fold(cohort, 0, "tiny", out=tmp_path / "t.pt", progress=False)
     best = result["best"]
-    assert best["f1"] >= 0.85 and best["auc"] >= 0.9, result["history"]
+    assert best["f1"] >= 0.88 and best["auc"] >= 0.93, result["history"]

@@ -143,7 +143,7 @@ def small_cohort(tmp_path_factory):
 
 def test_finetune_fold_writes_a_checkpoint_that_reproduces_its_val_metrics(small_cohort, tmp_path):
     # a few steps only: this checks the loop's bookkeeping (the saved checkpoint carries the recalibrated
-    # BatchNorm statistics and the prior-shifted bias it was validated with); learning is tested elsewhere
+    # BatchNorm statistics and the shifted bias it was validated with); learning is tested elsewhere
     from tfg_core.data.folds import fold_split
     from tfg_core.io import sha256_file
     from tfg_core.training.finetune import evaluate
@@ -156,9 +156,29 @@ def test_finetune_fold_writes_a_checkpoint_that_reproduces_its_val_metrics(small
     best = payload["metrics"]
     assert json.dumps(best, sort_keys=True) == json.dumps(result["best"], sort_keys=True)  # NaN-safe (AUC of one class)
     assert payload["config"]["iterations"] == 6 and payload["config"]["batch_size"] == 8
+    for record in result["history"]:  # the F1-optimal offset is chosen among all cuts, offset 0 among them
+        assert record["f1"] >= record["f1_at_prior"] - 1e-12
+    assert payload["config"]["operating_point"] == "val_f1"
     manifest, manifest_path = ensure_manifest(small_cohort)
     assert payload["manifest_sha256"] == sha256_file(manifest_path)
     val = load_slice_cases(small_cohort, manifest, fold_split(manifest, 0).val)
     again = evaluate(model, val)
     assert {k: again[k] for k in ("f1", "precision", "recall", "accuracy")} == pytest.approx(
         {k: best[k] for k in ("f1", "precision", "recall", "accuracy")})
+
+
+def test_the_validation_operating_point_is_saved_in_the_bias_and_the_checkpoint_reloads(rng, tmp_path):
+    # random volumes: nothing to learn, so the F1-optimal offset is far from 0 and must land in the saved head bias
+    from tfg_core.training.finetune import FinetuneConfig, evaluate, finetune
+
+    train = [_case(f"t{i}", 12, [3, 4, 5], rng, side=64) for i in range(3)]
+    val = [_case("v0", 12, [2, 3], rng, side=64), _case("v1", 12, [7], rng, side=64)]
+    config = FinetuneConfig(backbone="tiny", iterations=2, eval_every=1, batch_size=4, augment=NO_AUGMENT)
+    result = finetune(train, val, config, tmp_path / "op.pt", progress=False)
+    best = result["best"]
+    assert best["logit_shift"] != pytest.approx(best["prior_shift"])  # an offset was applied
+    assert best["f1"] >= best["f1_at_prior"]
+    model, payload = load_predictor(tmp_path / "op.pt")  # weights_only: every recorded number is a plain float
+    assert all(type(v) in (int, float) for k, v in payload["metrics"].items()), payload["metrics"]
+    again = evaluate(model, val)
+    assert again["f1"] == pytest.approx(best["f1"]) and again["recall"] == pytest.approx(best["recall"])

@@ -18,12 +18,18 @@ smooth, which the guidance step differentiates through.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 from monai.networks.blocks import Convolution
 from torch import nn
 
 from tfg_core.predictors.heads import LseCamHead, Predictor
 
+# the shipped pretrained tiny predictor (scripts/pretrain_tiny_predictor.py): the demo's stand-in for a published
+# backbone, trained on an external phantom cohort (seed 1) that shares no case with the evaluation cohort
+PRETRAINED_PATH = Path(__file__).resolve().parents[1] / "assets" / "tiny_pretrained.pt"
 IMAGE_SIZE = 64
 CHANNELS = (32, 48, 64)
 # torch's fused SiLU: the same function as MONAI's "SWISH" (x·sigmoid(x) as three ops, whose mul and sigmoid took
@@ -63,3 +69,36 @@ class TinyPredictor(Predictor):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder(x)
+
+
+def load_tiny_pretrained(model: TinyPredictor, path: str | os.PathLike = PRETRAINED_PATH) -> TinyPredictor:
+    """Fill ``model``'s backbone (``encoder.*``) from a tiny predictor checkpoint; the head stays as built.
+
+    Like the published backbones of the other predictors, only the feature extractor is transferred: fine-tuning
+    starts from a fresh head. The checkpoint is read with ``weights_only=True`` and its backbone loaded strictly
+    (any missing, unexpected or mis-shaped key is listed in the error).
+
+    Args:
+        model: a freshly built :class:`TinyPredictor`.
+        path: a checkpoint written by :func:`tfg_core.training.checkpoint.save_predictor` for backbone ``tiny``
+            (default: the shipped ``tfg_core/assets/tiny_pretrained.pt``).
+    """
+    import json
+
+    from tfg_core.checkpoints import load_checkpoint, load_state_dict_strict, verify_sha256
+    from tfg_core.errors import CheckpointError
+    from tfg_core.training.checkpoint import FORMAT
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no pretrained tiny predictor there; "
+                              "`python scripts/pretrain_tiny_predictor.py` makes it")
+    listing = path.parent / "assets.json"  # shipped assets carry their sha256 there
+    if listing.is_file() and path.name in (entries := json.loads(listing.read_text())):
+        verify_sha256(path, entries[path.name]["sha256"])
+    payload = load_checkpoint(path)
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT or payload.get("backbone") != "tiny":
+        raise CheckpointError(f"{path}: not a tiny predictor checkpoint (expected format {FORMAT!r}, backbone 'tiny')")
+    backbone = {k[len("encoder."):]: v for k, v in payload["state_dict"].items() if k.startswith("encoder.")}
+    load_state_dict_strict(model.encoder, backbone, source=path)
+    return model
