@@ -9,7 +9,7 @@ labels only, balanced batches, the paper's augmentation) on cohort seed 1 — 50
 with the evaluation cohort (seed 0), the cohort the demo flow was trained on. Subsets 0–8 train, subset 9
 validates; the checkpoint with the best validation F1 is written to ``tfg_core/assets/tiny_pretrained.pt``
 and listed with its sha256 in ``assets.json``. ``scripts/train_tiny_predictors.py`` then fine-tunes it per
-fold. Rerunning resumes nothing: it trains from scratch (≈ 35 min on two cores).
+fold. Rerunning resumes nothing: it trains from scratch (38 min on the 2-core AVX2 CI-like machine).
 """
 
 from __future__ import annotations

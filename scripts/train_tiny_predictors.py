@@ -4,8 +4,8 @@ Run: ``python scripts/train_tiny_predictors.py [--folds 0 1 …] [--root DIR] [-
 
 Each fold k is ``finetune_fold(root, k, "tiny")`` (test = subset k, val = subset k+1, train = the rest) on the
 default phantom cohort (``PhantomConfig()``, seed 0), with the tiny defaults and seed 0: it starts from the shipped
-pretrained tiny predictor's backbone (``scripts/pretrain_tiny_predictor.py``, an external cohort, seed 1). Folds run sequentially
-(the CPU is shared); the manifest is rewritten after each fold so an interrupted run keeps what it finished.
+pretrained tiny predictor's backbone (``scripts/pretrain_tiny_predictor.py``, an external cohort, seed 1). Folds run
+sequentially (the CPU is shared; two fine-tunes at once gave different weights); the manifest is rewritten after each fold so an interrupted run keeps what it finished.
 Besides the validation F1 that picked the checkpoint (an optimistic number: it is the best of several checks),
 the manifest records the slice F1 and AUC on the fold's held-out test scans, which training never saw.
 """
