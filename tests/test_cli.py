@@ -1,6 +1,7 @@
 """The README's Run command and the CLI's error handling."""
 
 import pandas as pd
+import pytest
 
 from tfg_core.cli import main
 
@@ -66,3 +67,21 @@ def test_report_pools_result_files(tmp_path, capsys):
     assert "**0.650" in capsys.readouterr().out  # TFG's mean, bold as the best
     assert main(["report", str(tmp_path / "nothing.csv"), "--out", str(out)]) == 2
     assert "nothing.csv" in capsys.readouterr().err
+
+
+def test_report_supersede_pools_a_rerun_with_an_earlier_run(tmp_path, capsys):
+    def rows(method, dsc, params_hash):
+        return pd.DataFrame({"experiment": "demo", "fold": [0] * 7, "seriesuid": [f"s{i}" for i in range(7)],
+                             "backbone": "tiny", "method": method, "dsc": dsc, "msd_mm": 3.0, "pred_voxels": 9,
+                             "gt_voxels": 10, "empty_pred": False, "both_empty": False, "params_hash": params_hash})
+
+    pd.concat([rows("tfg", [0.1] * 7, "old"), rows("cam", [0.3] * 7, "old")]).to_csv(tmp_path / "1_old.csv", index=False)
+    rows("tfg", [0.5] * 7, "new").to_csv(tmp_path / "2_rerun.csv", index=False)
+    files = [str(tmp_path / "1_old.csv"), str(tmp_path / "2_rerun.csv")]
+    # without it the two TFG rows of a case are refused (they would corrupt the pairing)
+    assert main(["report", *files, "--out", str(tmp_path / "r0")]) == 2
+    assert "7 repeated" in capsys.readouterr().err
+    assert main(["report", *files, "--out", str(tmp_path / "r1"), "--supersede"]) == 0
+    assert "superseded by later files: 7 rows (tfg 7)" in capsys.readouterr().out
+    aggregate = pd.read_csv(tmp_path / "r1" / "aggregate.csv").set_index("method")
+    assert aggregate.loc["tfg", "dsc_mean"] == pytest.approx(0.5) and aggregate.loc["cam", "dsc_mean"] == pytest.approx(0.3)

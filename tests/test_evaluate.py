@@ -9,6 +9,7 @@ import tfg_core.evaluate as evaluate
 from tfg_core.data.folds import fold_split
 from tfg_core.data.luna16 import build_manifest, read_annotations
 from tfg_core.data.phantom import PhantomConfig, write_cohort
+from tfg_core.errors import DataError
 
 
 @pytest.fixture(scope="module")
@@ -61,3 +62,41 @@ def test_otsu_mode_needs_no_validation(cohort, monkeypatch):
     assert thresholds == {} and seen == split.test and set(rows.threshold) == {"otsu"}
     with pytest.raises(ValueError, match="threshold_mode"):
         evaluate.evaluate_fold(root, manifest, annotations, split, None, None, threshold_mode="best-on-test")
+
+
+class _IdentityAutoencoder:
+    """encode/decode that change nothing: the oracle map is then the twin difference itself."""
+
+    def encode(self, x):
+        return x
+
+    def decode(self, z):
+        return z
+
+
+def test_oracle_finds_the_nodules_through_a_perfect_autoencoder(cohort):
+    root, manifest, annotations = cohort
+    with_nodules = set(annotations.seriesuid)
+    split = next(s for s in (fold_split(manifest, k) for k in range(10))
+                 if with_nodules & set(s.val) and with_nodules & set(s.test))
+    rows, thresholds = evaluate.evaluate_fold(root, manifest, annotations, split, _IdentityAutoencoder(), None,
+                                              methods=(evaluate.ORACLE,))
+    scored = rows[rows.gt_voxels > 0]
+    assert len(scored) and scored.dsc.min() > 0.7, scored[["seriesuid", "dsc"]]  # soft edges cost a little
+    assert thresholds[evaluate.ORACLE] > 0
+    healthy = rows[rows.gt_voxels == 0]
+    assert (healthy.pred_voxels == 0).all()  # no nodule: scan and twin are the same image
+
+
+def test_oracle_needs_a_phantom_tree_of_the_same_cohort(cohort, tmp_path):
+    root, manifest, annotations = cohort
+    prepared = evaluate.prepare(evaluate.load_case(root, manifest.iloc[0], annotations))
+    with pytest.raises(ValueError, match="no healthy twin"):
+        evaluate.oracle_map(prepared, _IdentityAutoencoder())
+    with pytest.raises(ValueError, match="cohort seed 0, not 5"):
+        evaluate.attach_healthy_twin(prepared, PhantomConfig(seed=5))
+    other = tmp_path / "not_a_phantom"
+    other.mkdir()
+    with pytest.raises(DataError, match="cohort.json"):
+        evaluate.evaluate_fold(other, manifest, annotations, fold_split(manifest, 0), _IdentityAutoencoder(), None,
+                               methods=(evaluate.ORACLE,))

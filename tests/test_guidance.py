@@ -186,7 +186,10 @@ def test_guidance_removes_the_blob_and_the_map_finds_it(detector, image, loss):
 def test_compare_to_input(detector, image):
     result = run_guidance(toy_flow(), detector, image, GuidanceConfig(num_steps=10, start_index=4), compare_to="input")
     assert result.x_reference is None
-    assert torch.equal(result.difference, (result.x_counterfactual - image).abs())
+    assert torch.equal(result.difference, (result.x_counterfactual - image).abs())  # "absolute", the default
+    removed = run_guidance(toy_flow(), detector, image, GuidanceConfig(num_steps=10, start_index=4,
+                                                                       difference="removed"), compare_to="input")
+    assert torch.equal(removed.difference, (image - removed.x_counterfactual).clamp(min=0))
     with pytest.raises(ValueError, match="compare_to"):
         run_guidance(toy_flow(), detector, image, compare_to="nothing")
 

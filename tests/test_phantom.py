@@ -15,7 +15,8 @@ from scipy import ndimage
 from tfg_core.data.luna16 import build_manifest, read_annotations, read_lung_mask
 from tfg_core.data.mhd import read_mhd
 from tfg_core.data.phantom import (
-    PhantomConfig, generate_case, iter_cases, phantom_fold_table, series_uid, write_cohort,
+    PhantomConfig, generate_case, healthy_twin, iter_cases, parse_series_uid, phantom_fold_table, read_cohort_config,
+    series_uid, write_cohort,
 )
 from tfg_core.data.phantom_shapes import LABEL_AIRWAY, LABEL_LEFT_LUNG, LABEL_RIGHT_LUNG, NODULE_KINDS
 from tfg_core.errors import DataError
@@ -45,6 +46,37 @@ def test_case_depends_only_on_seed_and_index(cohort):
     np.testing.assert_array_equal(again.lung_labels, first.lung_labels)
     assert again.nodules == first.nodules
     assert again.volume.origin == first.volume.origin
+
+
+def test_healthy_twin_differs_only_at_the_nodules(cohort):
+    with_nodules = [c for c in cohort if c.nodules][:6]
+    for case in with_nodules:
+        twin = healthy_twin(case.index)
+        assert not twin.nodules and not twin.nodule_mask.any() and twin.uid == case.uid
+        np.testing.assert_array_equal(twin.lung_labels, case.lung_labels)
+        assert twin.volume.origin == case.volume.origin and np.array_equal(twin.volume.direction, case.volume.direction)
+        changed = twin.volume.array != case.volume.array
+        # the nodules and their soft edges (one voxel), nothing else; inside the nodule the twin is lung
+        assert changed[case.nodule_mask].mean() > 0.9, case.uid
+        assert not (changed & ~ndimage.binary_dilation(case.nodule_mask, iterations=2)).any(), case.uid
+        lung = case.lung_mask & ~ndimage.binary_dilation(case.nodule_mask, iterations=3)
+        assert np.median(twin.volume.array[case.nodule_mask]) < np.median(case.volume.array[lung]) + 150
+    case = next(c for c in cohort if not c.nodules)  # no nodule: the twin is the case
+    np.testing.assert_array_equal(healthy_twin(case.index).volume.array, case.volume.array)
+
+
+def test_uid_and_cohort_config_round_trip(tmp_path):
+    assert parse_series_uid(series_uid(3, 41)) == (3, 41)
+    for bad in ("1.2.3.4", series_uid(0, 1) + "x", "1.2.826.0.1.3680043.8.498.999.0.1"):
+        with pytest.raises(ValueError, match="not a phantom series UID"):
+            parse_series_uid(bad)
+    root = write_cohort(tmp_path / "tree", replace(SMALL, n_cases=1, seed=4))
+    assert read_cohort_config(root) == replace(SMALL, n_cases=1, seed=4)
+    with pytest.raises(DataError, match="no cohort.json"):
+        read_cohort_config(tmp_path)
+    (tmp_path / "cohort.json").write_text("{not json")
+    with pytest.raises(DataError, match="unreadable"):
+        read_cohort_config(tmp_path)
 
 
 def test_different_seeds_differ():

@@ -42,6 +42,16 @@ def test_difference_map_and_dice():
     assert difference_map(a, b).dtype == np.float32 and difference_map(a, b).shape == SHAPE
     with pytest.raises(ValueError, match="same shape"):
         difference_map(a, b[:-1])
+    # "removed": what the counterfactual took away from the reference; a rise (cf > ref) is not a nodule
+    ref = np.full(SHAPE, 0.5, np.float32)
+    cf = ref.copy()
+    cf[1, 1, 1], cf[2, 2, 2] = 0.2, 0.9
+    removed = difference_map(cf, ref, "removed")
+    assert removed[1, 1, 1] == pytest.approx(0.3) and removed[2, 2, 2] == 0 and np.count_nonzero(removed) == 1
+    assert difference_map(cf, ref, "absolute")[2, 2, 2] == pytest.approx(0.4)
+    assert np.array_equal(difference_map(a, b, "removed"), np.maximum((b - a[0, 0]).numpy(), 0))
+    with pytest.raises(ValueError, match="difference mode"):
+        difference_map(cf, ref, "signed")
     gt = cube((2, 2, 2))
     assert dice(gt, gt) == 1.0 and dice(~gt, gt) == 0.0 and dice(np.zeros(SHAPE), np.zeros(SHAPE)) == 1.0
     assert dice(cube((2, 2, 4)), gt) == pytest.approx(0.5)

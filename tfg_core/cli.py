@@ -10,7 +10,7 @@ from pathlib import Path
 from tfg_core.errors import TfgError
 
 # = tfg_core.evaluate.ALL_METHODS (a test keeps them equal); spelled out so `tfg --help` needs no torch import
-ALL_DEMO_METHODS = ("tfg", "no_prior", "unguided", "cam", "gradcam", "scorecam", "ig", "weakmedsam")
+ALL_DEMO_METHODS = ("tfg", "no_prior", "unguided", "cam", "gradcam", "scorecam", "ig", "oracle", "weakmedsam")
 
 
 def _phantom(args: argparse.Namespace) -> None:
@@ -45,7 +45,7 @@ def _demo(args: argparse.Namespace) -> None:
     from tfg_core.guidance import GuidanceConfig
 
     methods = None if args.methods is None else (ALL_DEMO_METHODS if "all" in args.methods else args.methods)
-    config = GuidanceConfig(loss=args.loss, decoder=args.decoder)
+    config = GuidanceConfig(loss=args.loss, decoder=args.decoder, difference=args.difference)
     run_demo_folds(args.fold, out=args.out, config=config, methods=methods, progress=not args.quiet)
 
 
@@ -88,7 +88,7 @@ def _segment(args: argparse.Namespace) -> int:
     grid = tuple(args.grid) if args.grid else (DEMO_GRID if args.flow == "demo" else None)
     guidance = GuidanceConfig(start_index=args.start_index, guided_steps=args.guided_steps, strength=args.strength,
                               inner_iterations=args.inner_iterations, loss=args.loss, slice_batch=args.slice_batch,
-                              decoder=args.decoder, slab_slices=args.slab_slices)
+                              decoder=args.decoder, slab_slices=args.slab_slices, difference=args.difference)
     config = SegmentConfig(guidance=guidance, threshold=threshold, grid=grid,
                            min_component_voxels=args.min_component_voxels)
     flow = load_flow(args.flow, args.autoencoder, args.unet, device=args.device)
@@ -106,14 +106,24 @@ def _segment(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _report(args: argparse.Namespace) -> None:
-    from tfg_core.report import find_result_files, read_result_rows, write_report
+def _report(args: argparse.Namespace) -> int:
+    from tfg_core.report import find_result_files, read_result_rows, supersede, write_report
 
     files = find_result_files(args.results, recursive=True)
     rows = read_result_rows(files)
     if args.relabel:
         rows["experiment"] = args.relabel
-    paths = write_report(rows, args.out, title=args.title, experiment=args.experiment)
+    if args.supersede:
+        rows, dropped = supersede(rows)
+        if len(dropped):
+            counts = ", ".join(f"{m} {n}" for m, n in dropped.method.value_counts(sort=False).items())
+            print(f"superseded by later files: {len(dropped)} rows ({counts})")
+    try:
+        paths = write_report(rows, args.out, title=args.title, experiment=args.experiment)
+    except ValueError as exc:  # repeated cases or mixed experiments: say which, and the flags that pool them
+        print(f"tfg report: error: {exc} (pool runs with --relabel NAME; let later files replace earlier rows of the "
+              "same case with --supersede)", file=sys.stderr)
+        return 2
     print(paths["table1_md"].read_text())
     print(f"{len(rows)} rows from {len(files)} file(s) → {', '.join(str(p) for p in paths.values())}")
 
@@ -130,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="guidance loss: raw logit (default, measured) or the paper's BCE towards 0")
     p.add_argument("--decoder", choices=("auto", "slab", "full"), default="auto",
                    help="back-propagation through the decoder (the demo flow's auto = full; see README, Performance)")
+    p.add_argument("--difference", choices=("absolute", "removed"), default="absolute",
+                   help="segmentation map: the paper's |guided - reference| (default) or the density the guidance "
+                        "removed (README, Status)")
     p.add_argument("--methods", nargs="+", default=None, metavar="METHOD", choices=(*ALL_DEMO_METHODS, "all"),
                    help="methods to run: " + " ".join(ALL_DEMO_METHODS) + " or all (default: all but weakmedsam, "
                         "whose LiteMedSAM encoder costs seconds per slice on a CPU; tfg and unguided share one run)")
@@ -142,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--title", default="Nodule segmentation", help="table heading")
     p.add_argument("--experiment", default=None, help="report this experiment when the rows hold several")
     p.add_argument("--relabel", default=None, help="give every row this experiment name (pool several runs)")
+    p.add_argument("--supersede", action="store_true",
+                   help="a case scored by the same method in several files keeps the row of the file listed last "
+                        "(pool a rerun of some methods with an earlier run); the superseded rows are counted")
     p.set_defaults(func=_report)
 
     p = sub.add_parser("batch", help="run notebooks for a list of folds and parameter sets (local pool or SLURM)",
@@ -201,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strength", type=float, default=1.0, help="guidance step size")
     p.add_argument("--inner-iterations", type=int, default=1, help="gradient updates per guided step")
     p.add_argument("--loss", choices=("logit", "bce"), default="logit", help="guidance loss")
+    p.add_argument("--difference", choices=("absolute", "removed"), default="absolute",
+                   help="map: |guided - reference| or the density the guidance removed")
     p.add_argument("--slice-batch", type=int, default=16, help="2.5D stacks per predictor call (memory)")
     p.add_argument("--decoder", choices=("auto", "slab", "full"), default="auto",
                    help="back-propagation through the decoder: slab decoding (MAISI-v2's default) or whole volume")

@@ -33,9 +33,9 @@ from tfg_core.training.run import ensure_manifest
 from tfg_core.training.slice_data import slice_case_from
 
 ASSETS = Path(__file__).resolve().parent / "assets"
-_FIGURE_ORDER = ("tfg", "no_prior", "cam", "gradcam", "scorecam", "ig", "weakmedsam", "unguided")
+_FIGURE_ORDER = ("tfg", "no_prior", "cam", "gradcam", "scorecam", "ig", "weakmedsam", "unguided", "oracle")
 # WeakMedSAM is opt-in here: LiteMedSAM's encoder takes seconds per 256×256 slice on a CPU (benchmarks/bench_baselines.py)
-DEFAULT_METHODS = ("tfg", "no_prior", "unguided", "cam", "gradcam", "scorecam", "ig")
+DEFAULT_METHODS = ("tfg", "no_prior", "unguided", "cam", "gradcam", "scorecam", "ig", "oracle")
 
 
 def shipped_predictor(fold: int) -> Path | None:

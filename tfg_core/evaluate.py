@@ -21,16 +21,19 @@ from tqdm.auto import tqdm
 
 from tfg_core.baselines import BASELINES, BaselineConfig, WeakMedSam, baseline_map
 from tfg_core.data.cases import Case, load_case
+from tfg_core.data.phantom import PhantomConfig, healthy_twin, parse_series_uid, read_cohort_config
 from tfg_core.data.preprocess import mask_to_model_grid, to_model_grid, to_scan_grid
 from tfg_core.data.volume import Volume
 from tfg_core.flow.base import FlowModel
 from tfg_core.flow.noprior import NoPriorFlow
 from tfg_core.guidance import GuidanceConfig, run_guidance
 from tfg_core.metrics import case_metrics, peak_distance_mm
-from tfg_core.segment import calibrate_threshold, segment
+from tfg_core.segment import calibrate_threshold, difference_map, segment
 
 METHODS = ("tfg", "no_prior", "unguided")  # the guidance and its two ablations
-ALL_METHODS = METHODS + BASELINES
+# the ideal counterfactual (phantoms only): the same scan without its nodules, through the same autoencoder
+ORACLE = "oracle"
+ALL_METHODS = METHODS + BASELINES + (ORACLE,)
 
 
 @dataclass
@@ -42,12 +45,14 @@ class PreparedCase:
         grid: [0, 1] volume on the model grid (canonical orientation).
         gt_grid: ground truth on the model grid (for calibration).
         lung_grid: lung mask on the model grid.
+        healthy_grid: the scan's healthy twin on the model grid (phantoms; :func:`attach_healthy_twin`), or None.
     """
 
     case: Case
     grid: Volume
     gt_grid: np.ndarray
     lung_grid: np.ndarray
+    healthy_grid: Volume | None = None
 
     @property
     def uid(self) -> str:
@@ -65,15 +70,56 @@ def prepare(case: Case) -> PreparedCase:
                         mask_to_model_grid(case.lung_mask, case.volume, grid) > 0)
 
 
+def attach_healthy_twin(prepared: PreparedCase, cohort: PhantomConfig) -> PreparedCase:
+    """Add the scan's healthy twin (the same phantom without nodules) on the model grid, for the oracle method.
+
+    Args:
+        prepared: a phantom scan on the model grid.
+        cohort: the config its tree was written with (:func:`tfg_core.data.phantom.read_cohort_config`).
+
+    Raises:
+        ValueError: the scan is not a case of that cohort.
+    """
+    seed, index = parse_series_uid(prepared.uid)
+    if seed != cohort.seed:
+        raise ValueError(f"{prepared.uid} belongs to phantom cohort seed {seed}, not {cohort.seed}")
+    twin = healthy_twin(index, cohort).volume
+    if twin.shape != prepared.case.volume.shape:
+        raise ValueError(f"{prepared.uid}: the healthy twin's shape {twin.shape} differs from the scan's "
+                         f"{prepared.case.volume.shape} (a tree written with another generator version?)")
+    prepared.healthy_grid = to_model_grid(twin, shape=prepared.grid.shape)
+    return prepared
+
+
+def oracle_map(prepared: PreparedCase, flow: FlowModel, difference: str = "removed") -> np.ndarray:
+    """What a perfect counterfactual would show through ``flow``'s autoencoder: the scan against its healthy twin.
+
+    The unguided reconstruction of the demo flow equals the autoencoder's (a mean 0.1 % apart inside nodules), so
+    encode -> decode of both images is the ceiling of any method that compares two reconstructions.
+
+    Args:
+        prepared: the scan with :func:`attach_healthy_twin` applied.
+        flow: the flow whose autoencoder the guidance decodes through.
+        difference: ``"removed"`` or ``"absolute"`` (``segment.difference_map``).
+    """
+    if prepared.healthy_grid is None:
+        raise ValueError(f"{prepared.uid}: no healthy twin attached (the oracle exists for phantom cohorts only)")
+    with torch.no_grad():
+        recon = [flow.decode(flow.encode(torch.as_tensor(v.array, dtype=torch.float32)[None, None]))[0, 0]
+                 for v in (prepared.grid, prepared.healthy_grid)]
+    return difference_map(recon[1], recon[0], difference)
+
+
 def difference_maps(prepared: PreparedCase, flow: FlowModel, predictor: torch.nn.Module, config: GuidanceConfig,
                     methods: Sequence[str] = METHODS, baseline_config: BaselineConfig | None = None,
                     weakmedsam: WeakMedSam | None = None, seconds: dict[str, float] | None = None,
                     ) -> dict[str, np.ndarray]:
     """Maps of the requested methods for one scan, all on the model grid.
 
-    ``tfg``: |guided − unguided reconstruction| (shared inversion); ``unguided``: |unguided reconstruction − input|
-    (what the prior alone changes); ``no_prior``: the same classifier steps applied to the image (velocity 0);
-    any of :data:`tfg_core.baselines.BASELINES`: that attribution map of the same predictor.
+    ``tfg``: guided against unguided reconstruction (shared inversion); ``unguided``: unguided reconstruction
+    against the input (what the prior alone changes); ``no_prior``: the same classifier steps applied to the image
+    (velocity 0) — these three by ``config.difference``; any of :data:`tfg_core.baselines.BASELINES`: that
+    attribution map of the same predictor; ``oracle``: :func:`oracle_map` (needs the healthy twin).
 
     Args:
         prepared: the scan on the model grid.
@@ -95,7 +141,7 @@ def difference_maps(prepared: PreparedCase, flow: FlowModel, predictor: torch.nn
     if "tfg" in methods or "unguided" in methods:
         result = run_guidance(flow, predictor, x, config)
         maps["tfg"] = result.difference.numpy()
-        maps["unguided"] = (result.x_reference - result.x_input).abs().numpy()
+        maps["unguided"] = difference_map(result.x_reference, result.x_input, config.difference)
         maps["_counterfactual"] = result.x_counterfactual.numpy()
         maps["_reference"] = result.x_reference.numpy()
         timer["tfg"] = timer["unguided"] = time.perf_counter() - started
@@ -103,6 +149,10 @@ def difference_maps(prepared: PreparedCase, flow: FlowModel, predictor: torch.nn
         started = time.perf_counter()
         maps["no_prior"] = run_guidance(NoPriorFlow(), predictor, x, config).difference.numpy()
         timer["no_prior"] = time.perf_counter() - started
+    if ORACLE in methods:
+        started = time.perf_counter()
+        maps[ORACLE] = oracle_map(prepared, flow, config.difference)
+        timer[ORACLE] = time.perf_counter() - started
     for name in (m for m in methods if m in BASELINES):
         started = time.perf_counter()
         maps[name] = baseline_map(name, predictor, x, baseline_config, weakmedsam)
@@ -165,7 +215,11 @@ def evaluate_fold(
     compute = lambda prepared, seconds=None: difference_maps(
         prepared, flow, predictor, config, methods, baseline_config, weakmedsam, seconds)
     rows_by_uid = manifest.set_index("seriesuid", drop=False)
-    load = lambda uid: prepare(load_case(root, rows_by_uid.loc[uid], annotations))
+    cohort = read_cohort_config(root) if ORACLE in methods else None
+
+    def load(uid: str) -> PreparedCase:
+        prepared = prepare(load_case(root, rows_by_uid.loc[uid], annotations))
+        return attach_healthy_twin(prepared, cohort) if cohort is not None else prepared
 
     modes = (threshold_mode,) if isinstance(threshold_mode, str) else tuple(threshold_mode)
     bad = [m for m in modes if m not in ("calibrated", "otsu")] or ([] if modes else ["(none)"])

@@ -18,7 +18,7 @@ from scipy.stats import wilcoxon
 
 from tfg_core.io import atomic_write_text, atomic_write_with
 
-METHOD_ORDER = ("cam", "gradcam", "scorecam", "ig", "weakmedsam", "tfg", "no_prior", "unguided")
+METHOD_ORDER = ("cam", "gradcam", "scorecam", "ig", "weakmedsam", "tfg", "no_prior", "unguided", "oracle")
 METHOD_NAMES = {
     "cam": "CAM",
     "gradcam": "Grad-CAM",
@@ -28,6 +28,7 @@ METHOD_NAMES = {
     "tfg": "TFG (ours)",
     "no_prior": "no-prior ablation",
     "unguided": "unguided difference",
+    "oracle": "oracle counterfactual (healthy twin)",
 }
 BACKBONE_NAMES = {"tinyvit": "TinyViT", "resnet50": "ResNet-50", "tiny": "tiny (CPU demo)"}
 DEFAULT_BACKBONES = ("tinyvit", "resnet50")
@@ -96,6 +97,23 @@ def read_result_rows(entries: Sequence[str | os.PathLike], recursive: bool = Fal
         frames.append(frame)
     rows = pd.concat(frames, ignore_index=True)
     return rows.drop_duplicates(subset=[c for c in ROW_KEY if c in rows], keep="last").reset_index(drop=True)
+
+
+# what identifies one scored case of one method, whatever parameters produced it (for superseding reruns)
+CASE_KEY = ("experiment", "backbone", "method", "fold", "seriesuid", "threshold_mode", "parameter", "value")
+
+
+def supersede(rows: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Keep, for every scored case of a method, only the row read last; return (kept, superseded).
+
+    For pooling a rerun of some methods (e.g. with a new default) with an earlier run of the others: list the
+    earlier files first. Without it, two rows of one case (different ``params_hash``) make :func:`aggregate` refuse.
+
+    Args:
+        rows: rows in reading order (:func:`read_result_rows`).
+    """
+    dup = rows.duplicated(subset=[c for c in CASE_KEY if c in rows], keep="last")
+    return rows[~dup].reset_index(drop=True), rows[dup].reset_index(drop=True)
 
 
 def _ordered(present: Sequence[str], preferred: Sequence[str]) -> list[str]:

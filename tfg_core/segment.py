@@ -25,17 +25,25 @@ def _numpy(a: ArrayLike) -> np.ndarray:
     return a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
 
 
-def difference_map(x_cf: ArrayLike, x_ref: ArrayLike) -> np.ndarray:
-    """``|x_cf - x_ref|`` as float32 ``(z, y, x)``.
+DIFFERENCES = ("removed", "absolute")
+
+
+def difference_map(x_cf: ArrayLike, x_ref: ArrayLike, mode: str = "absolute") -> np.ndarray:
+    """The change from ``x_ref`` to ``x_cf`` as a float32 ``(z, y, x)`` map.
 
     Args:
         x_cf: counterfactual (guided) image, ``(z, y, x)`` or with singleton batch/channel axes.
         x_ref: reference (unguided reconstruction, or the input), same shape.
+        mode: ``"absolute"``: ``|x_cf - x_ref|`` (the paper's map); ``"removed"``: ``max(x_ref - x_cf, 0)``, the
+            density the counterfactual took away (removing a nodule lowers intensities; a rise is not a nodule).
     """
+    if mode not in DIFFERENCES:
+        raise ValueError(f"difference mode must be one of {DIFFERENCES}, got {mode!r}")
     a, b = np.squeeze(_numpy(x_cf)), np.squeeze(_numpy(x_ref))
     if a.shape != b.shape or a.ndim != 3:
         raise ValueError(f"expected two (z, y, x) images of the same shape, got {a.shape} and {b.shape}")
-    return np.abs(a.astype(np.float32) - b.astype(np.float32))
+    change = a.astype(np.float32) - b.astype(np.float32)
+    return np.abs(change) if mode == "absolute" else np.maximum(-change, 0.0)
 
 
 def dice(pred: np.ndarray, gt: np.ndarray) -> float:

@@ -37,7 +37,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -398,6 +398,55 @@ def generate_case(index: int, config: PhantomConfig = PhantomConfig()) -> Phanto
                     source=f"phantom(seed={config.seed}, index={index})", meta={"phantom_index": index})
     return PhantomCase(index=index, subset=index % config.n_subsets, volume=volume, nodule_labels=nodule_labels,
                        lung_labels=lung_labels, vessel_mask=vessel_mask, nodules=nodules)
+
+
+def healthy_twin(index: int, config: PhantomConfig = PhantomConfig()) -> PhantomCase:
+    """Case ``index`` exactly as generated, but without its nodules: the ideal counterfactual "healthy" scan.
+
+    Anatomy, noise and geometry come from their own random streams, so only the nodules' voxels (and their soft
+    edges) differ from :func:`generate_case`. The evaluation uses it as an oracle: a difference-of-reconstructions
+    method can at best find what separates a case from its twin after the autoencoder.
+
+    Args:
+        index: case number.
+        config: the cohort config (as in the tree's ``cohort.json``, see :func:`read_cohort_config`).
+    """
+    return generate_case(index, replace(config, nodule_probability=0.0))
+
+
+def parse_series_uid(uid: str) -> tuple[int, int]:
+    """(seed, index) of a phantom series UID made by :func:`series_uid`.
+
+    Args:
+        uid: series UID.
+
+    Raises:
+        ValueError: not a phantom UID.
+    """
+    prefix, _, rest = uid.rpartition(".")
+    seed_prefix, _, seed = prefix.rpartition(".")
+    if seed_prefix != UID_PREFIX or not seed.isdigit() or not rest.isdigit():
+        raise ValueError(f"{uid!r} is not a phantom series UID ({UID_PREFIX}.<seed>.<index>)")
+    return int(seed), int(rest)
+
+
+def read_cohort_config(root: PathLike) -> PhantomConfig:
+    """The :class:`PhantomConfig` a phantom tree was written with (its ``cohort.json``).
+
+    Args:
+        root: the tree's folder.
+
+    Raises:
+        DataError: no readable ``cohort.json`` (not a phantom tree).
+    """
+    path = Path(root) / "cohort.json"
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+        return PhantomConfig(**meta["config"])
+    except FileNotFoundError:
+        raise DataError(path, "not a phantom cohort (no cohort.json): healthy twins exist for phantoms only") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise DataError(path, f"unreadable cohort description ({exc})") from None
 
 
 def iter_cases(config: PhantomConfig = PhantomConfig(), progress: bool = False) -> Iterator[PhantomCase]:

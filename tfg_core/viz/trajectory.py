@@ -25,6 +25,7 @@ from tfg_core.flow.base import FlowModel
 from tfg_core.flow.schedule import clean_estimate, run_to_end, sample
 from tfg_core.guidance import GuidanceConfig, guide, slice_logits
 from tfg_core.predictors.heads import Predictor
+from tfg_core.segment import difference_map
 from tfg_core.viz.slices import check_slice, draw_map, draw_slice, draw_slice_grid, save_montage
 
 #: what a running difference is taken against (see :meth:`Trajectory.reference_at`)
@@ -77,8 +78,8 @@ class Trajectory:
 
     @property
     def difference(self) -> np.ndarray:
-        """The TFG difference map ``|counterfactual − reference|`` (as :func:`tfg_core.guidance.run_guidance`)."""
-        return np.abs(self.x_counterfactual - self.reference)
+        """The TFG map from counterfactual and reference by ``config.difference`` (as ``run_guidance`` builds it)."""
+        return difference_map(self.x_counterfactual, self.reference, self.config.difference)
 
     def index(self, step: int) -> int:
         """Position of sampling step ``step`` among the recorded steps.
