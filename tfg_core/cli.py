@@ -9,8 +9,10 @@ from pathlib import Path
 
 from tfg_core.errors import TfgError
 
-# = tfg_core.evaluate.ALL_METHODS (a test keeps them equal); spelled out so `tfg --help` needs no torch import
+# = tfg_core.evaluate.ALL_METHODS and tfg_core.segment.DIFFERENCES (a test keeps them equal); spelled out so
+# `tfg --help` needs no torch import
 ALL_DEMO_METHODS = ("tfg", "no_prior", "unguided", "cam", "gradcam", "scorecam", "ig", "oracle", "weakmedsam")
+DIFFERENCES = ("absolute", "removed")  # the first is the default
 
 
 def _phantom(args: argparse.Namespace) -> None:
@@ -140,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="guidance loss: raw logit (default, measured) or the paper's BCE towards 0")
     p.add_argument("--decoder", choices=("auto", "slab", "full"), default="auto",
                    help="back-propagation through the decoder (the demo flow's auto = full; see README, Performance)")
-    p.add_argument("--difference", choices=("absolute", "removed"), default="absolute",
+    p.add_argument("--difference", choices=DIFFERENCES, default=DIFFERENCES[0],
                    help="segmentation map: the paper's |guided - reference| (default) or the density the guidance "
                         "removed (README, Status)")
     p.add_argument("--methods", nargs="+", default=None, metavar="METHOD", choices=(*ALL_DEMO_METHODS, "all"),
@@ -217,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strength", type=float, default=1.0, help="guidance step size")
     p.add_argument("--inner-iterations", type=int, default=1, help="gradient updates per guided step")
     p.add_argument("--loss", choices=("logit", "bce"), default="logit", help="guidance loss")
-    p.add_argument("--difference", choices=("absolute", "removed"), default="absolute",
+    p.add_argument("--difference", choices=DIFFERENCES, default=DIFFERENCES[0],
                    help="map: |guided - reference| or the density the guidance removed")
     p.add_argument("--slice-batch", type=int, default=16, help="2.5D stacks per predictor call (memory)")
     p.add_argument("--decoder", choices=("auto", "slab", "full"), default="auto",

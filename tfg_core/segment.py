@@ -25,7 +25,7 @@ def _numpy(a: ArrayLike) -> np.ndarray:
     return a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
 
 
-DIFFERENCES = ("removed", "absolute")
+DIFFERENCES = ("absolute", "removed")  # the first is the default everywhere
 
 
 def difference_map(x_cf: ArrayLike, x_ref: ArrayLike, mode: str = "absolute") -> np.ndarray:
