@@ -36,14 +36,16 @@ def test_demo_runs_on_the_embedded_default(tmp_path, capsys):
 
 
 def test_cli_method_names_are_the_evaluation_methods():
-    from tfg_core.cli import ALL_DEMO_METHODS, DIFFERENCES
+    from tfg_core.cli import ALL_DEMO_METHODS, DENSITY_CHANGES, DIFFERENCES
     from tfg_core.demo import DEFAULT_METHODS
     from tfg_core.evaluate import ALL_METHODS
+    from tfg_core.guidance import DENSITY_CHANGES as DIRECTIONS
     from tfg_core.guidance import GuidanceConfig
     from tfg_core.segment import DIFFERENCES as MAP_MODES
 
     assert set(ALL_DEMO_METHODS) == set(ALL_METHODS) and set(DEFAULT_METHODS) < set(ALL_METHODS)
     assert DIFFERENCES == MAP_MODES and GuidanceConfig().difference == DIFFERENCES[0]
+    assert set(DENSITY_CHANGES) == set(DIRECTIONS) and GuidanceConfig().density_change == DENSITY_CHANGES[0]
 
 
 def test_cli_reports_data_errors_without_traceback(tmp_path, capsys):

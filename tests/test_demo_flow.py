@@ -196,8 +196,7 @@ def test_samples_from_noise_look_like_phantoms(flow):
 # --- the counterfactual replaces a nodule -----------------------------------------------------------------------
 def test_guidance_replaces_the_nodule_with_lung(flow):
     """The shipped fold predictor (trained without this case) steers the shipped flow with the default guidance: the
-    counterfactual replaces a large part of a 25.7 mm solid nodule's excess density over the lung, and leaves the lung
-    as a whole alone."""
+    counterfactual replaces a 25.7 mm solid nodule by lung-like density, and leaves the lung as a whole alone."""
     from tfg_core.demo import load_shipped_predictor
 
     case = generate_case(NODULE_CASE)
@@ -219,12 +218,12 @@ def test_guidance_replaces_the_nodule_with_lung(flow):
     assert nodule_slices & set(result.input_positives)  # the predictor saw the nodule
     # the unguided flow keeps most of the nodule (measured: input -30 HU, reference -178 HU, lung -780 HU)
     assert report["reference"] > report["lung_reference"] + 300
-    # guidance removes a large part of the nodule's excess density over the lung (measured 602 -> 349 HU with the
-    # pretrained-then-fine-tuned fold-1 predictor; 602 -> 234 HU with the earlier one trained from scratch: a better
-    # classifier is not automatically a better guide, see README Status) ...
+    # guidance replaces the nodule's excess density over the lung by lung (measured 602 -> -19 HU with the default
+    # density_change="decrease"; with the paper's unconstrained gradient 602 -> 349 HU, the classifier being fooled
+    # by changes elsewhere, see README Status) ...
     excess_before = report["reference"] - report["lung_reference"]
     excess_after = report["counterfactual"] - report["lung_reference"]
-    assert excess_after < 0.65 * excess_before, report
+    assert -0.2 * excess_before < excess_after < 0.2 * excess_before, report
     # ... without darkening the lung as a whole
     lung_after = float(hu["counterfactual"][lung].mean())
     assert abs(lung_after - report["lung_reference"]) < 30, (lung_after, report)

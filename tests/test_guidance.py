@@ -23,6 +23,7 @@ from tfg_core.flow.maisi import (
     reinit_zero_output,
     replace_maisi_group_norm,
 )
+from tfg_core.flow.noprior import NoPriorFlow
 from tfg_core.flow.toy import GaussianToyFlow
 from tfg_core.guidance import GuidanceConfig, guide, positive_slices, run_guidance
 from tfg_core.predictors import build_predictor
@@ -194,6 +195,29 @@ def test_compare_to_input(detector, image):
         run_guidance(toy_flow(), detector, image, compare_to="nothing")
 
 
+class ContrastDetector(BlobDetector):
+    """The blob detector minus the slice below the centre: brightening that slice lowers the logit."""
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return super().features(x) - 50.0 * (x[:, :1] - 0.2)
+
+
+def test_decrease_keeps_only_the_darkening_part_of_the_gradient(image):
+    """With velocity 0 and identity decoding one guided step is x - eta * grad, so the relation is exact."""
+    detector = ContrastDetector().eval()
+    common = dict(num_steps=10, start_index=4, guided_steps=1, strength=0.05)
+    runs = {change: run_guidance(NoPriorFlow(), detector, image, GuidanceConfig(density_change=change, **common),
+                                 compare_to="input") for change in ("any", "decrease")}
+    change_any = runs["any"].x_counterfactual - image
+    change_decrease = runs["decrease"].x_counterfactual - image
+    assert runs["any"].input_positives == BLOB_SLICES
+    # the unconstrained step removes the blob *and* brightens the slice below it (the adversarial route) ...
+    assert change_any[blob_mask()].min() < -1e-3 and change_any.max() > 1e-3
+    # ... the constrained one keeps exactly its darkening part
+    assert torch.allclose(change_decrease, change_any.clamp(max=0), atol=1e-7)
+    assert float(change_decrease.max()) == 0.0 and change_decrease.min() < -1e-3
+
+
 # --- gradients ---------------------------------------------------------------------------------------------------
 
 
@@ -287,7 +311,7 @@ def test_no_positive_slice_makes_guidance_a_no_op(detector):
 @pytest.mark.parametrize(
     "kwargs",
     [dict(start_index=31), dict(guided_steps=16), dict(positives="all"), dict(loss="mse"), dict(reduction="max"),
-     dict(inner_iterations=0), dict(positive_threshold=1.5)],
+     dict(inner_iterations=0), dict(positive_threshold=1.5), dict(density_change="increase")],
 )
 def test_config_is_checked(kwargs):
     with pytest.raises(ValueError):

@@ -26,6 +26,7 @@ DEFAULT_SWEEP: dict[str, list[Any]] = {
     "strength": [0.25, 0.5, 1.0, 2.0, 4.0],
     "inner_iterations": [1, 2, 4],
     "loss": ["logit", "bce"],
+    "density_change": ["any", "decrease"],
 }
 
 

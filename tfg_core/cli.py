@@ -9,10 +9,12 @@ from pathlib import Path
 
 from tfg_core.errors import TfgError
 
-# = tfg_core.evaluate.ALL_METHODS and tfg_core.segment.DIFFERENCES (a test keeps them equal); spelled out so
+# = tfg_core.evaluate.ALL_METHODS, tfg_core.segment.DIFFERENCES and tfg_core.guidance.DENSITY_CHANGES (a test keeps
+# them equal, defaults first); spelled out so
 # `tfg --help` needs no torch import
 ALL_DEMO_METHODS = ("tfg", "no_prior", "unguided", "cam", "gradcam", "scorecam", "ig", "oracle", "weakmedsam")
 DIFFERENCES = ("absolute", "removed")  # the first is the default
+DENSITY_CHANGES = ("decrease", "any")  # the first is the default
 
 
 def _phantom(args: argparse.Namespace) -> None:
@@ -47,7 +49,8 @@ def _demo(args: argparse.Namespace) -> None:
     from tfg_core.guidance import GuidanceConfig
 
     methods = None if args.methods is None else (ALL_DEMO_METHODS if "all" in args.methods else args.methods)
-    config = GuidanceConfig(loss=args.loss, decoder=args.decoder, difference=args.difference)
+    config = GuidanceConfig(loss=args.loss, decoder=args.decoder, difference=args.difference,
+                            density_change=args.density_change)
     run_demo_folds(args.fold, out=args.out, config=config, methods=methods, progress=not args.quiet)
 
 
@@ -90,7 +93,8 @@ def _segment(args: argparse.Namespace) -> int:
     grid = tuple(args.grid) if args.grid else (DEMO_GRID if args.flow == "demo" else None)
     guidance = GuidanceConfig(start_index=args.start_index, guided_steps=args.guided_steps, strength=args.strength,
                               inner_iterations=args.inner_iterations, loss=args.loss, slice_batch=args.slice_batch,
-                              decoder=args.decoder, slab_slices=args.slab_slices, difference=args.difference)
+                              decoder=args.decoder, slab_slices=args.slab_slices, difference=args.difference,
+                              density_change=args.density_change)
     config = SegmentConfig(guidance=guidance, threshold=threshold, grid=grid,
                            min_component_voxels=args.min_component_voxels)
     flow = load_flow(args.flow, args.autoencoder, args.unet, device=args.device)
@@ -145,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--difference", choices=DIFFERENCES, default=DIFFERENCES[0],
                    help="segmentation map: the paper's |guided - reference| (default) or the density the guidance "
                         "removed (README, Status)")
+    p.add_argument("--density-change", choices=DENSITY_CHANGES, default=DENSITY_CHANGES[0],
+                   help="guidance direction: only darkening, the gradient's non-negative part (default, measured: "
+                        "README, Status), or any (the paper's)")
     p.add_argument("--methods", nargs="+", default=None, metavar="METHOD", choices=(*ALL_DEMO_METHODS, "all"),
                    help="methods to run: " + " ".join(ALL_DEMO_METHODS) + " or all (default: all but weakmedsam, "
                         "whose LiteMedSAM encoder costs seconds per slice on a CPU; tfg and unguided share one run)")
@@ -221,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loss", choices=("logit", "bce"), default="logit", help="guidance loss")
     p.add_argument("--difference", choices=DIFFERENCES, default=DIFFERENCES[0],
                    help="map: |guided - reference| or the density the guidance removed")
+    p.add_argument("--density-change", choices=DENSITY_CHANGES, default=DENSITY_CHANGES[0],
+                   help="guidance direction: only darkening (default; the gradient's non-negative part) or any")
     p.add_argument("--slice-batch", type=int, default=16, help="2.5D stacks per predictor call (memory)")
     p.add_argument("--decoder", choices=("auto", "slab", "full"), default="auto",
                    help="back-propagation through the decoder: slab decoding (MAISI-v2's default) or whole volume")

@@ -38,11 +38,13 @@ from tfg_core.predictors.heads import Predictor
 from tfg_core.segment import DIFFERENCES, difference_map
 
 PHASES = ("encode", "invert", "guided", "free", "final")
+# how the classifier may change the image: "any" direction (the paper) or only by taking density away
+DENSITY_CHANGES = ("any", "decrease")
 
 
 @dataclass(frozen=True)
 class GuidanceConfig:
-    """Every parameter of the guidance loop: the paper's defaults except ``loss`` (measured, see below).
+    """Every parameter of the guidance loop: the paper's defaults except ``loss`` and ``density_change`` (measured).
 
     Args:
         num_steps: sampling steps of the flow's time grid (MAISI-v2: 30).
@@ -82,6 +84,13 @@ class GuidanceConfig:
             ``max(reference - counterfactual, 0)``, the density the guidance took away. Measured on the ten phantom
             folds (README, Status): ``"removed"`` gave mean Dice 0.217 against 0.209 but 14 empty masks against 11
             and a larger median MSD, so it is an option, not the default.
+        density_change: which part of the classifier's image gradient drives the update. ``"any"``: all of it (the
+            paper). ``"decrease"``: only its non-negative part, the voxels whose *darkening* lowers the loss; a nodule
+            is removed by making it as dark as the lung around it, and this shuts the adversarial route of fooling
+            the classifier by adding density elsewhere (the decoder's Jacobian still spreads the update, so single
+            voxels may brighten). Applies to the no-prior ablation alike. The default is measured on the ten phantom
+            folds (README, Status): ``"decrease"`` gave mean Dice 0.269 against 0.209 (map maximum on the nodule in
+            58 % of the scans against 50 %), but not on every scan (better on 14, worse on 16, Wilcoxon p = 0.32).
     """
 
     num_steps: int = 30
@@ -100,6 +109,7 @@ class GuidanceConfig:
     checkpointing: bool = True
     slab_slices: int | None = 8
     difference: str = "absolute"
+    density_change: str = "decrease"
 
     def __post_init__(self) -> None:
         if not 0 <= self.start_index <= self.num_steps:
@@ -111,7 +121,7 @@ class GuidanceConfig:
             )
         for name, allowed in (("positives", ("fixed", "recomputed")), ("loss", ("bce", "logit")),
                               ("reduction", ("mean", "sum")), ("decoder", ("auto", "slab", "full")),
-                              ("difference", DIFFERENCES)):
+                              ("difference", DIFFERENCES), ("density_change", DENSITY_CHANGES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.inner_iterations < 1 or self.slice_batch < 1:
@@ -320,6 +330,8 @@ def guided_update(
         if not positives:  # nothing left to remove
             return GuidedUpdate(z, v.detach(), image.detach(), (), (), None, None)
         loss, grad_image, logits = _loss_and_image_gradient(predictor, image, positives, cfg)
+        if cfg.density_change == "decrease":  # z <- z - eta * grad: a positive component darkens that voxel
+            grad_image = grad_image.clamp(min=0)
         if stages is not None:
             grad = grad_z_hat = decoded.vjp(grad_image[None, None])
             if wrt is not z_hat:  # full backprop: on through the clean estimate into the velocity network
