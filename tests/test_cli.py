@@ -45,7 +45,7 @@ def test_cli_method_names_are_the_evaluation_methods():
 
     assert set(ALL_DEMO_METHODS) == set(ALL_METHODS) and set(DEFAULT_METHODS) < set(ALL_METHODS)
     assert DIFFERENCES == MAP_MODES and GuidanceConfig().difference == DIFFERENCES[0]
-    assert set(DENSITY_CHANGES) == set(DIRECTIONS) and GuidanceConfig().density_change == DENSITY_CHANGES[0]
+    assert DENSITY_CHANGES == DIRECTIONS and GuidanceConfig().density_change == DENSITY_CHANGES[0]
 
 
 def test_cli_reports_data_errors_without_traceback(tmp_path, capsys):

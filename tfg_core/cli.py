@@ -10,8 +10,7 @@ from pathlib import Path
 from tfg_core.errors import TfgError
 
 # = tfg_core.evaluate.ALL_METHODS, tfg_core.segment.DIFFERENCES and tfg_core.guidance.DENSITY_CHANGES (a test keeps
-# them equal, defaults first); spelled out so
-# `tfg --help` needs no torch import
+# them equal, defaults first); spelled out so `tfg --help` needs no torch import
 ALL_DEMO_METHODS = ("tfg", "no_prior", "unguided", "cam", "gradcam", "scorecam", "ig", "oracle", "weakmedsam")
 DIFFERENCES = ("absolute", "removed")  # the first is the default
 DENSITY_CHANGES = ("decrease", "any")  # the first is the default

@@ -38,8 +38,8 @@ from tfg_core.predictors.heads import Predictor
 from tfg_core.segment import DIFFERENCES, difference_map
 
 PHASES = ("encode", "invert", "guided", "free", "final")
-# how the classifier may change the image: "any" direction (the paper) or only by taking density away
-DENSITY_CHANGES = ("any", "decrease")
+# how the classifier may change the image: only by taking density away (the default, first) or in "any" direction
+DENSITY_CHANGES = ("decrease", "any")
 
 
 @dataclass(frozen=True)
