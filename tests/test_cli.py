@@ -32,20 +32,32 @@ def test_demo_runs_on_the_embedded_default(tmp_path, capsys):
     assert "folds 2, 3" in capsys.readouterr().out
     # a baseline alone (no guided run) works too
     assert main(["demo", "--out", str(tmp_path / "cam_only"), "--fold", "2", "--methods", "cam", "--quiet"]) == 0
-    assert set(pd.read_csv(tmp_path / "cam_only" / "all_folds_results.csv").method) == {"cam"}
+    cam = pd.read_csv(tmp_path / "cam_only" / "all_folds_results.csv")
+    assert set(cam.method) == {"cam"} and set(cam.refine) == {"none"}
+    # the density refinement post-processes the same maps: its own threshold, other masks, recorded in the rows
+    assert main(["demo", "--out", str(tmp_path / "cam_refined"), "--fold", "2", "--methods", "cam",
+                 "--refine", "density", "--quiet"]) == 0
+    refined = pd.read_csv(tmp_path / "cam_refined" / "all_folds_results.csv")
+    assert set(refined.refine) == {"density"} and set(refined.params_hash).isdisjoint(cam.params_hash)
+    assert (refined.pred_voxels.to_numpy() != cam.pred_voxels.to_numpy()).any()
 
 
 def test_cli_method_names_are_the_evaluation_methods():
-    from tfg_core.cli import ALL_DEMO_METHODS, DENSITY_CHANGES, DIFFERENCES
+    from tfg_core.cli import ALL_DEMO_METHODS, DENSITY_CHANGES, DIFFERENCES, REFINEMENTS
     from tfg_core.demo import DEFAULT_METHODS
     from tfg_core.evaluate import ALL_METHODS
     from tfg_core.guidance import DENSITY_CHANGES as DIRECTIONS
     from tfg_core.guidance import GuidanceConfig
+    from tfg_core.pseudolabel import SegmentConfig
     from tfg_core.segment import DIFFERENCES as MAP_MODES
+    from tfg_core.segment import REFINEMENTS as POSTPROCESSING
 
     assert set(ALL_DEMO_METHODS) == set(ALL_METHODS) and set(DEFAULT_METHODS) < set(ALL_METHODS)
     assert DIFFERENCES == MAP_MODES and GuidanceConfig().difference == DIFFERENCES[0]
     assert DENSITY_CHANGES == DIRECTIONS and GuidanceConfig().density_change == DENSITY_CHANGES[0]
+    assert REFINEMENTS == POSTPROCESSING and SegmentConfig().refine == REFINEMENTS[0]
+    # the default leaves the resume hash of earlier runs as it was; the refinement enters it
+    assert "refine" not in SegmentConfig().as_dict() and SegmentConfig(refine="density").as_dict()["refine"] == "density"
 
 
 def test_cli_reports_data_errors_without_traceback(tmp_path, capsys):

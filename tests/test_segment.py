@@ -15,6 +15,7 @@ from tfg_core.segment import (
     on_scan,
     otsu_threshold,
     postprocess,
+    refine_by_density,
     segment,
     threshold_dice_curve,
 )
@@ -157,3 +158,78 @@ def test_masks_and_maps_go_back_to_the_scan_grid():
     assert volume.spacing == flipped.spacing and volume.origin == flipped.origin
     assert np.array_equal(volume.direction, flipped.direction)
     assert np.array_equal(on_scan(mask, scan, is_mask=True).array, mask.astype(np.uint8))
+
+
+def _lung_scene(rng, shape=(16, 24, 24)):
+    """[0, 1] image: lung at 0.07 (≈ −860 HU) with noise, a ball nodule (0.5) and a vessel (0.45) from it."""
+    zz, yy, xx = np.indices(shape)
+    image = 0.07 + 0.005 * rng.standard_normal(shape)
+    ball = (zz - 8) ** 2 + (yy - 8) ** 2 + (xx - 8) ** 2 <= 9  # radius 3
+    vessel = (np.abs(zz - 8) <= 0) & (np.abs(yy - 8) <= 0) & (xx >= 8)  # a one-voxel line running to the border
+    image[ball] = 0.5
+    image[vessel] = 0.45
+    lung = np.ones(shape, bool)
+    lung[:, :, -2:] = False  # the chest wall at the right border
+    return image.astype(np.float32), ball, vessel, lung
+
+
+def test_density_refinement_redraws_a_component_on_the_nodule(rng):
+    image, ball, vessel, lung = _lung_scene(rng)
+    seed = np.zeros_like(ball)
+    seed[8, 7:9, 8] = True  # two voxels at the centre: a high threshold's core
+    refined = refine_by_density(seed, image, lung, margin_voxels=3)
+    assert dice(refined & ~vessel, ball) > 0.95  # the whole ball, from its core
+    # the vessel is followed only ``margin_voxels`` steps beyond the seed, not to the border
+    assert refined[vessel & ~ball].sum() <= 3 and not refined[8, 8, 15:].any()
+    assert refined[vessel].sum() > 0
+    wider = refine_by_density(seed, image, lung, margin_voxels=6)
+    assert refined[vessel & ~ball].sum() < wider[vessel & ~ball].sum() <= 6
+    # the default grows one step: the core and its dense neighbours, inside the ball
+    one_step = refine_by_density(seed, image, lung)
+    assert seed.sum() < one_step.sum() < refined.sum() and not (one_step & ~ball).any()
+    # a component beside the nodule moves onto it (as far as the margin reaches); a too-large one shrinks onto it
+    offset = np.zeros_like(ball)
+    offset[8, 8, 3:5] = True  # just outside the ball (|x − 8| = 4, 5)
+    moved = refine_by_density(offset, image, lung, margin_voxels=3)
+    assert moved.sum() >= 20 and not (moved & ~ball).any()
+    blurred = (np.indices(ball.shape) - 8.0) ** 2
+    blurred = blurred.sum(0) <= 25  # radius 5: 4× the ball's volume
+    assert dice(refine_by_density(blurred, image, lung, margin_voxels=0) & ~vessel, ball) > 0.95
+
+
+def test_density_refinement_drops_components_without_dense_tissue(rng):
+    image, ball, _, lung = _lung_scene(rng)
+    lone = np.zeros_like(ball)
+    lone[2:4, 18:20, 4:6] = True  # plain lung: only noise to outline
+    assert not refine_by_density(lone, image, lung).any()
+    assert refine_by_density(lone, image, lung, min_contrast=0.0).any()  # the contrast floor did it
+    outside = np.zeros_like(ball)
+    outside[8, 8, -1] = True  # outside the lung mask: nothing there to grow
+    assert not refine_by_density(outside, image, lung).any()
+
+
+def test_density_refinement_in_segment_and_calibration(rng):
+    image, ball, vessel, lung = _lung_scene(rng)
+    blurred = np.exp(-((np.indices(ball.shape) - 8.0) ** 2).sum(0) / 18.0).astype(np.float32)  # wider than the ball
+    plain = segment(blurred, 0.3, lung)  # radius ≈ 4.7 around a radius-3 ball
+    refined = segment(blurred, 0.3, lung, refine="density", image=image)
+    assert dice(refined & ~vessel, ball) > dice(plain, ball) + 0.2
+    # calibration segments each candidate with the refinement: refined masks are the ball at most thresholds
+    cands, curve_r = threshold_dice_curve([blurred], [ball | vessel], lung_masks=[lung], refine="density",
+                                          images=[image])
+    cands, curve = threshold_dice_curve([blurred], [ball | vessel], cands, lung_masks=[lung])
+    assert (curve_r > 0.8).mean() > 2 * (curve > 0.8).mean()
+    threshold = calibrate_threshold([blurred], [ball], lung_masks=[lung], refine="density", images=[image])
+    assert dice(segment(blurred, threshold, lung, refine="density", image=image) & ~vessel, ball) > 0.95
+    with pytest.raises(ValueError, match="input image"):
+        segment(blurred, 0.5, lung, refine="density")
+    with pytest.raises(ValueError, match="refine must be one of"):
+        segment(blurred, 0.5, lung, refine="crf", image=image)
+    with pytest.raises(ValueError, match="one input image per map"):
+        threshold_dice_curve([blurred], [ball], refine="density")
+    with pytest.raises(ValueError, match="image shape"):
+        refine_by_density(ball, image[:-1])
+    bad = image.copy()
+    bad[0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="non-finite"):
+        refine_by_density(ball, bad)

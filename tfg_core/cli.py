@@ -14,6 +14,7 @@ from tfg_core.errors import TfgError
 ALL_DEMO_METHODS = ("tfg", "no_prior", "unguided", "cam", "gradcam", "scorecam", "ig", "oracle", "weakmedsam")
 DIFFERENCES = ("absolute", "removed")  # the first is the default
 DENSITY_CHANGES = ("decrease", "any")  # the first is the default
+REFINEMENTS = ("none", "density")  # the first is the default (tfg_core.segment.REFINEMENTS; torch-free here)
 
 
 def _phantom(args: argparse.Namespace) -> None:
@@ -50,7 +51,8 @@ def _demo(args: argparse.Namespace) -> None:
     methods = None if args.methods is None else (ALL_DEMO_METHODS if "all" in args.methods else args.methods)
     config = GuidanceConfig(loss=args.loss, decoder=args.decoder, difference=args.difference,
                             density_change=args.density_change)
-    run_demo_folds(args.fold, out=args.out, config=config, methods=methods, progress=not args.quiet)
+    run_demo_folds(args.fold, out=args.out, config=config, methods=methods, progress=not args.quiet,
+                   refine=args.refine)
 
 
 def _batch(args: argparse.Namespace) -> int:
@@ -95,7 +97,7 @@ def _segment(args: argparse.Namespace) -> int:
                               decoder=args.decoder, slab_slices=args.slab_slices, difference=args.difference,
                               density_change=args.density_change)
     config = SegmentConfig(guidance=guidance, threshold=threshold, grid=grid,
-                           min_component_voxels=args.min_component_voxels)
+                           min_component_voxels=args.min_component_voxels, refine=args.refine)
     flow = load_flow(args.flow, args.autoencoder, args.unet, device=args.device)
     predictor = load_fold_predictor(args.fold, "tiny", args.predictor, device=args.device)
     models = {"flow": args.flow, "autoencoder": str(args.autoencoder or ""), "unet": str(args.unet or ""),
@@ -151,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--density-change", choices=DENSITY_CHANGES, default=DENSITY_CHANGES[0],
                    help="guidance direction: only darkening, the gradient's non-negative part (default, measured: "
                         "README, Status), or any (the paper's)")
+    p.add_argument("--refine", choices=REFINEMENTS, default=REFINEMENTS[0],
+                   help="post-processing of every method's mask: none (default, the paper's protocol) or density "
+                        "(each component redrawn on the scan's density, half-way between lung and its peak)")
     p.add_argument("--methods", nargs="+", default=None, metavar="METHOD", choices=(*ALL_DEMO_METHODS, "all"),
                    help="methods to run: " + " ".join(ALL_DEMO_METHODS) + " or all (default: all but weakmedsam, "
                         "whose LiteMedSAM encoder costs seconds per slice on a CPU; tfg and unguided share one run)")
@@ -220,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model grid (default: 32 64 64 for the demo flow, the scan rounded to multiples of 32 else)")
     p.add_argument("--threshold", default="otsu", help="'otsu' (inside the lung, label-free) or a map value")
     p.add_argument("--min-component-voxels", type=int, default=0, help="drop smaller components (model grid)")
+    p.add_argument("--refine", choices=REFINEMENTS, default=REFINEMENTS[0],
+                   help="none (default) or density: each component redrawn on the scan's density")
     p.add_argument("--start-index", type=int, default=15, help="sampling step where sampling restarts (of 30)")
     p.add_argument("--guided-steps", type=int, default=5, help="guided sampling steps")
     p.add_argument("--strength", type=float, default=1.0, help="guidance step size")

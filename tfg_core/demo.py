@@ -71,7 +71,8 @@ def load_shipped_predictor(fold: int):
 
 
 def segment_fold(root: Path, manifest: pd.DataFrame, annotations: pd.DataFrame, split, out: Path, predictor=None,
-                 config=None, methods: Sequence[str] | None = None, progress: bool = True) -> pd.DataFrame | None:
+                 config=None, methods: Sequence[str] | None = None, progress: bool = True,
+                 refine: str = "none") -> pd.DataFrame | None:
     """Guided segmentation of the held-out fold with the shipped assets; None when they are missing.
 
     Args:
@@ -84,6 +85,7 @@ def segment_fold(root: Path, manifest: pd.DataFrame, annotations: pd.DataFrame, 
         config: guidance parameters (default :class:`tfg_core.guidance.GuidanceConfig`).
         methods: methods to run (default :data:`DEFAULT_METHODS`).
         progress: progress bars.
+        refine: post-processing of every method's mask (:data:`tfg_core.segment.REFINEMENTS`).
     """
     flow_path = ASSETS / "demo_flow.pt"
     if predictor is None or not flow_path.is_file():
@@ -110,7 +112,8 @@ def segment_fold(root: Path, manifest: pd.DataFrame, annotations: pd.DataFrame, 
             shown.append((prepared, maps, masks))
 
     rows, thresholds = evaluate_fold(root, manifest, annotations, split, flow, predictor, config, methods=methods,
-                                     backbone="tiny", experiment="demo", on_test_case=keep, progress=progress)
+                                     backbone="tiny", experiment="demo", on_test_case=keep, progress=progress,
+                                     refine=refine)
     atomic_write_text(out / f"fold{split.fold}_results.csv", rows.to_csv(index=False))
     if "tfg" in methods:
         atomic_write_with(out / f"fold{split.fold}_segmentation.png", lambda tmp: _segmentation_figure(shown, tmp))
@@ -128,7 +131,7 @@ def segment_fold(root: Path, manifest: pd.DataFrame, annotations: pd.DataFrame, 
 
 def run_demo(out: str | os.PathLike = "outputs/demo", fold: int = 0, cohort: str | os.PathLike | None = None,
              config=None, methods: Sequence[str] | None = None,
-             progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+             progress: bool = True, refine: str = "none") -> tuple[pd.DataFrame, pd.DataFrame | None]:
     """Run the demo on one held-out phantom fold and write a table and figures.
 
     Returns the per-scan data table and the segmentation rows (None when no predictor is shipped for the fold).
@@ -140,6 +143,7 @@ def run_demo(out: str | os.PathLike = "outputs/demo", fold: int = 0, cohort: str
         config: guidance parameters (:class:`tfg_core.guidance.GuidanceConfig`; None = its defaults).
         methods: methods to run (None: :data:`DEFAULT_METHODS`).
         progress: progress bars.
+        refine: post-processing of every method's mask (:data:`tfg_core.segment.REFINEMENTS`).
     """
     started = time.perf_counter()
     out = Path(out)
@@ -184,13 +188,14 @@ def run_demo(out: str | os.PathLike = "outputs/demo", fold: int = 0, cohort: str
           f"predictor: {ckpt.name if ckpt else 'none shipped yet'}; {time.perf_counter() - started:.1f} s")
     print(f"wrote {out / f'fold{fold}_cases.csv'} and {figure}")
     seg_rows = segment_fold(root, manifest, annotations, split, out, predictor=predictor, config=config,
-                            methods=methods, progress=progress)
+                            methods=methods, progress=progress, refine=refine)
     print(f"total {time.perf_counter() - started:.1f} s")
     return table, seg_rows
 
 
 def run_demo_folds(folds: list[int], out: str | os.PathLike = "outputs/demo", config=None,
-                   methods: Sequence[str] | None = None, progress: bool = True) -> pd.DataFrame | None:
+                   methods: Sequence[str] | None = None, progress: bool = True,
+                   refine: str = "none") -> pd.DataFrame | None:
     """:func:`run_demo` for several held-out folds, then one report over all their test scans.
 
     Writes ``all_folds_results.csv`` (the tidy rows of every fold run) and ``report/`` (the paper's Table 1
@@ -202,12 +207,13 @@ def run_demo_folds(folds: list[int], out: str | os.PathLike = "outputs/demo", co
         config: guidance parameters (None = :class:`tfg_core.guidance.GuidanceConfig` defaults).
         methods: methods to run (None: :data:`DEFAULT_METHODS`).
         progress: progress bars.
+        refine: post-processing of every method's mask (:data:`tfg_core.segment.REFINEMENTS`).
     """
     from tfg_core.report import write_report
 
     rows = []
     for fold in folds:
-        _, seg = run_demo(out, fold, config=config, methods=methods, progress=progress)
+        _, seg = run_demo(out, fold, config=config, methods=methods, progress=progress, refine=refine)
         if seg is not None:  # None: no predictor shipped for this fold
             rows.append(seg)
     if not rows:

@@ -28,7 +28,7 @@ from tfg_core.flow.base import FlowModel
 from tfg_core.flow.noprior import NoPriorFlow
 from tfg_core.guidance import GuidanceConfig, run_guidance
 from tfg_core.metrics import case_metrics, peak_distance_mm
-from tfg_core.segment import calibrate_threshold, difference_map, segment
+from tfg_core.segment import REFINEMENTS, calibrate_threshold, difference_map, segment
 
 METHODS = ("tfg", "no_prior", "unguided")  # the guidance and its two ablations
 # the ideal counterfactual (phantoms only): the same scan without its nodules, through the same autoencoder
@@ -180,6 +180,7 @@ def evaluate_fold(
     methods: Sequence[str] = METHODS,
     threshold_mode: str | Sequence[str] = "calibrated",
     min_component_voxels: int = 0,
+    refine: str = "none",
     backbone: str = "tiny",
     experiment: str = "demo",
     on_test_case: Callable[[PreparedCase, dict[str, np.ndarray], dict[str, np.ndarray]], None] | None = None,
@@ -201,6 +202,8 @@ def evaluate_fold(
         threshold_mode: ``"calibrated"`` (validation Dice) or ``"otsu"`` (label-free, per scan, inside the lung), or
             both as a sequence: each map is then scored both ways (rows differ in ``threshold_mode``).
         min_component_voxels: post-processing: drop smaller components (model-grid voxels).
+        refine: post-processing: ``"density"`` redraws each component on the input's density
+            (:func:`tfg_core.segment.refine_by_density`), for every method alike; ``"none"`` (default) does not.
         backbone: predictor name for the rows.
         experiment: experiment name for the rows.
         on_test_case: called with (prepared case, maps, masks on the model grid) for each test scan (figures, NIfTI).
@@ -225,10 +228,12 @@ def evaluate_fold(
     bad = [m for m in modes if m not in ("calibrated", "otsu")] or ([] if modes else ["(none)"])
     if bad:
         raise ValueError(f"threshold_mode must be 'calibrated' or 'otsu', got {bad}")
+    if refine not in REFINEMENTS:
+        raise ValueError(f"refine must be one of {REFINEMENTS}, got {refine!r}")
     thresholds: dict[str, float] = {}
     if "calibrated" in modes:
         val_maps: dict[str, list[np.ndarray]] = {m: [] for m in methods}
-        gts, lungs = [], []
+        gts, lungs, images = [], [], []
         for uid in tqdm(split.val, disable=not progress, desc=f"fold {split.fold} validation"):
             prepared = load(uid)
             maps = compute(prepared)
@@ -236,10 +241,13 @@ def evaluate_fold(
                 val_maps[m].append(maps[m])
             gts.append(prepared.gt_grid)
             lungs.append(prepared.lung_grid)
+            images.append(prepared.grid.array)
         for m in methods:
-            thresholds[m] = calibrate_threshold(val_maps[m], gts, lung_masks=lungs, min_component_voxels=min_component_voxels)
+            thresholds[m] = calibrate_threshold(val_maps[m], gts, lung_masks=lungs,
+                                                min_component_voxels=min_component_voxels, refine=refine, images=images)
 
     params = {"guidance": asdict(config), "threshold_mode": threshold_mode if isinstance(threshold_mode, str) else list(modes), "min_component_voxels": min_component_voxels,
+              **({"refine": refine} if refine != "none" else {}),  # absent = none: older rows keep their hash
               "baselines": asdict(baseline_config or BaselineConfig())}
     phash = params_hash(params)
     rows = []
@@ -253,13 +261,14 @@ def evaluate_fold(
             peak = peak_distance_mm(maps[m], prepared.gt_grid, prepared.grid.spacing)
             for mode in modes:
                 threshold = thresholds[m] if mode == "calibrated" else "otsu"
-                mask = segment(maps[m], threshold, prepared.lung_grid, min_component_voxels)
+                mask = segment(maps[m], threshold, prepared.lung_grid, min_component_voxels, refine=refine,
+                               image=prepared.grid.array)
                 masks.setdefault(m, mask)  # the first mode's mask goes to on_test_case
                 # uint8 on the way back: the reorientation goes through SimpleITK, which has no boolean pixels
                 on_scan = to_scan_grid(mask.astype(np.uint8), prepared.case.volume, mode="nearest").astype(bool)
                 metrics = case_metrics(on_scan, prepared.case.nodule_mask, prepared.case.volume.spacing)
                 rows.append({"experiment": experiment, "fold": split.fold, "seriesuid": uid, "backbone": backbone,
-                             "method": m, **metrics, "threshold_mode": mode,
+                             "method": m, **metrics, "threshold_mode": mode, "refine": refine,
                              "threshold": threshold if isinstance(threshold, str) else float(threshold),
                              "n_nodules": len(prepared.case.annotations),
                              "peak_dist_mm": peak, "peak_on_nodule": bool(peak <= max(prepared.grid.spacing)),

@@ -46,6 +46,8 @@ class SegmentConfig:
             a validation fold by ``tfg demo`` / ``05_baselines``).
         grid: model grid ``(z, y, x)``; None = every side rounded to a multiple of 32.
         min_component_voxels: drop smaller components (model-grid voxels).
+        refine: ``"density"`` redraws each component on the scan's density (:func:`tfg_core.segment.refine_by_density`);
+            ``"none"`` keeps the thresholded map.
         max_anisotropy: refuse model grids whose voxel sides differ more than this factor.
     """
 
@@ -53,12 +55,14 @@ class SegmentConfig:
     threshold: str | float = "otsu"
     grid: tuple[int, int, int] | None = None
     min_component_voxels: int = 0
+    refine: str = "none"
     max_anisotropy: float = MAX_ANISOTROPY
 
     def as_dict(self) -> dict[str, Any]:
         return {"guidance": asdict(self.guidance), "threshold": self.threshold,
                 "grid": list(self.grid) if self.grid else None, "min_component_voxels": self.min_component_voxels,
-                "max_anisotropy": self.max_anisotropy}
+                "max_anisotropy": self.max_anisotropy,
+                **({"refine": self.refine} if self.refine != "none" else {})}  # absent = none: old runs resume
 
 
 def read_input(path: str | os.PathLike) -> Volume:
@@ -205,7 +209,7 @@ def segment_volume(volume: Volume, flow, predictor, config: SegmentConfig | None
     started = time.perf_counter()
     diff = result.difference.numpy()
     threshold = otsu_threshold(diff, lung) if config.threshold == "otsu" else float(config.threshold)
-    mask_grid = segment(diff, threshold, lung, config.min_component_voxels)
+    mask_grid = segment(diff, threshold, lung, config.min_component_voxels, refine=config.refine, image=grid.array)
     mask = on_scan(mask_grid, volume, is_mask=True)
     difference = on_scan(diff, volume, is_mask=False)
     parts = components(mask.array > 0, volume)
