@@ -129,7 +129,7 @@ def test_resume_after_a_kill(phantom, tmp_path):
 
 
 def test_segment_with_density_refinement(phantom, tmp_path):
-    root, scans, annotations = phantom
+    _, scans, annotations = phantom
     # a scan with a nodule; a low fixed threshold so the plain mask spreads around what changed
     uid = next(s for s in scans if (annotations.seriesuid == s.stem).any())
     short = ["--start-index", "24", "--guided-steps", "3", "--threshold", "0.02", "--quiet"]
