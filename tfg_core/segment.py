@@ -143,8 +143,9 @@ def refine_by_density(
         sub = tuple(slice(max(s.start - pad, 0), min(s.stop + pad, size)) for s, size in zip(box, labels.shape))
         component, inside, local = labels[sub] == index, lung[sub], values[sub]
         near = ndimage.binary_dilation(component, structure) & inside
-        reach = ndimage.binary_dilation(component, structure, iterations=margin_voxels) & inside \
-            if margin_voxels else component & inside
+        # (scipy dilates until nothing changes when iterations=0, hence the explicit case)
+        grown = ndimage.binary_dilation(component, structure, iterations=margin_voxels) if margin_voxels else component
+        reach = grown & inside
         ring = ndimage.binary_dilation(reach, structure, iterations=2) & ~reach & inside
         if not near.any() or not ring.any():
             continue
@@ -156,6 +157,7 @@ def refine_by_density(
         refined[sub] |= ndimage.binary_propagation(near & dense, structure=structure, mask=dense)
     return refined
 
+
 def _refined(mask: np.ndarray, refine: str, image: ArrayLike | None, lung_mask: np.ndarray | None) -> np.ndarray:
     """``mask`` after the named refinement (:data:`REFINEMENTS`)."""
     if refine not in REFINEMENTS:
@@ -165,6 +167,7 @@ def _refined(mask: np.ndarray, refine: str, image: ArrayLike | None, lung_mask: 
     if image is None:
         raise ValueError(f"refine={refine!r} needs the input image on the map's grid")
     return refine_by_density(mask, image, lung_mask)
+
 
 def otsu_threshold(diff: ArrayLike, lung_mask: np.ndarray | None = None, bins: int = 256) -> float:
     """Otsu's threshold of the map's values inside the lung mask (label-free).
