@@ -131,16 +131,16 @@ def test_resume_after_a_kill(phantom, tmp_path):
 def test_segment_with_density_refinement(phantom, tmp_path):
     _, scans, annotations = phantom
     # a scan with a nodule; a low fixed threshold so the plain mask spreads around what changed
-    uid = next(s for s in scans if (annotations.seriesuid == s.stem).any())
+    scan = next(s for s in scans if (annotations.seriesuid == s.stem).any())
     short = ["--start-index", "24", "--guided-steps", "3", "--threshold", "0.02", "--quiet"]
-    masks, hu = {}, read_input(uid).array
+    masks, hu = {}, read_input(scan).array
     for refine in ("none", "density"):
         out = tmp_path / refine
-        assert main(["segment", str(uid), "--out", str(out), "--refine", refine, *short]) == 0
-        report = json.loads((out / f"{uid.stem}.json").read_text())
+        assert main(["segment", str(scan), "--out", str(out), "--refine", refine, *short]) == 0
+        report = json.loads((out / f"{scan.stem}.json").read_text())
         assert report["parameters"].get("refine", "none") == refine
         # NIfTI is (x, y, z); the scan's array is (z, y, x)
-        masks[refine] = np.asarray(nib.load(str(out / f"{uid.stem}_mask.nii.gz")).dataobj).transpose(2, 1, 0) > 0
+        masks[refine] = np.asarray(nib.load(str(out / f"{scan.stem}_mask.nii.gz")).dataobj).transpose(2, 1, 0) > 0
     assert masks["none"].any() and masks["density"].any()
     assert not np.array_equal(masks["none"], masks["density"])
     # what the refinement keeps is dense tissue: denser on average than the plain mask, and above lung level

@@ -122,7 +122,7 @@ def refine_by_density(
         connectivity: 1 = faces, 2 = + edges, 3 = + corners.
     """
     seeds = np.asarray(mask, dtype=bool)
-    values = _numpy(image).astype(np.float32)
+    values = np.asarray(_numpy(image), dtype=np.float32)  # no copy per call on the calibration path
     if values.shape != seeds.shape:
         raise ValueError(f"image shape {values.shape} differs from the mask's {seeds.shape}")
     if not 0.0 < fraction < 1.0:
