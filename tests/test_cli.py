@@ -40,22 +40,34 @@ def test_demo_runs_on_the_embedded_default(tmp_path, capsys):
     refined = pd.read_csv(tmp_path / "cam_refined" / "all_folds_results.csv")
     assert set(refined.refine) == {"density"} and set(refined.params_hash).isdisjoint(cam.params_hash)
     assert (refined.pred_voxels.to_numpy() != cam.pred_voxels.to_numpy()).any()
+    # each map as a fraction of its scan's maximum: recorded in the rows, its own hash and threshold (a fraction)
+    assert main(["demo", "--out", str(tmp_path / "cam_scaled"), "--fold", "2", "--methods", "cam",
+                 "--map-scale", "scan", "--quiet"]) == 0
+    scaled = pd.read_csv(tmp_path / "cam_scaled" / "all_folds_results.csv")
+    assert set(scaled.map_scale) == {"scan"} and set(cam.map_scale) == {"absolute"}
+    assert set(scaled.params_hash).isdisjoint(cam.params_hash) and 0 < scaled.threshold.iloc[0] < 1
 
 
 def test_cli_method_names_are_the_evaluation_methods():
-    from tfg_core.cli import ALL_DEMO_METHODS, DENSITY_CHANGES, DIFFERENCES, REFINEMENTS
+    from tfg_core.cli import (ALL_DEMO_METHODS, DENSITY_CHANGES, DIFFERENCES, GRADIENT_WEIGHTS, MAP_SCALES,
+                              REFINEMENTS)
     from tfg_core.demo import DEFAULT_METHODS
     from tfg_core.evaluate import ALL_METHODS
     from tfg_core.guidance import DENSITY_CHANGES as DIRECTIONS
+    from tfg_core.guidance import GRADIENT_WEIGHTS as WEIGHTS
     from tfg_core.guidance import GuidanceConfig
     from tfg_core.pseudolabel import SegmentConfig
     from tfg_core.segment import DIFFERENCES as MAP_MODES
+    from tfg_core.segment import MAP_SCALES as SCALES
     from tfg_core.segment import REFINEMENTS as POSTPROCESSING
 
     assert set(ALL_DEMO_METHODS) == set(ALL_METHODS) and set(DEFAULT_METHODS) < set(ALL_METHODS)
     assert DIFFERENCES == MAP_MODES and GuidanceConfig().difference == DIFFERENCES[0]
     assert DENSITY_CHANGES == DIRECTIONS and GuidanceConfig().density_change == DENSITY_CHANGES[0]
+    assert GRADIENT_WEIGHTS == WEIGHTS and GuidanceConfig().gradient_weight == GRADIENT_WEIGHTS[0]
     assert REFINEMENTS == POSTPROCESSING and SegmentConfig().refine == REFINEMENTS[0]
+    assert MAP_SCALES == SCALES and SegmentConfig().map_scale == MAP_SCALES[0]
+    assert "map_scale" not in SegmentConfig().as_dict() and SegmentConfig(map_scale="scan").as_dict()["map_scale"] == "scan"
     # the default leaves the resume hash of earlier runs as it was; the refinement enters it
     assert "refine" not in SegmentConfig().as_dict() and SegmentConfig(refine="density").as_dict()["refine"] == "density"
 

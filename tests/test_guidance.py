@@ -25,7 +25,7 @@ from tfg_core.flow.maisi import (
 )
 from tfg_core.flow.noprior import NoPriorFlow
 from tfg_core.flow.toy import GaussianToyFlow
-from tfg_core.guidance import GuidanceConfig, guide, positive_slices, run_guidance
+from tfg_core.guidance import GuidanceConfig, evidence_map, guide, positive_slices, run_guidance
 from tfg_core.predictors import build_predictor
 from tfg_core.segment import dice, segment
 
@@ -218,6 +218,47 @@ def test_decrease_keeps_only_the_darkening_part_of_the_gradient(image):
     assert float(change_decrease.max()) == 0.0 and change_decrease.min() < -1e-3
 
 
+def test_evidence_map_is_the_normalised_dilated_cam(detector, image):
+    """The blob detector's CAM is 640 relu(x - 0.5)^2 on each centre slice, so the weight is known voxel by voxel."""
+    from scipy.ndimage import maximum_filter
+
+    cam = 640.0 * F.relu(image - 0.5) ** 2
+    for power, dilation in ((1.0, 0), (2.0, 1), (0.5, 2)):
+        weight = evidence_map(detector, image, power=power, dilation=dilation)
+        expected = maximum_filter(((cam / cam.max()) ** power).numpy(), size=2 * dilation + 1, mode="constant")
+        assert weight.shape == image.shape and float(weight.max()) == pytest.approx(1.0)
+        np.testing.assert_allclose(weight.numpy(), expected, atol=1e-6)
+    assert int((evidence_map(detector, image, dilation=0) > 0).sum()) == int(blob_mask().sum())
+    assert float(evidence_map(detector, healthy_image()).abs().max()) == 0.0  # no evidence: no weight, no NaN
+
+
+def test_evidence_map_needs_a_cam_head(detector, image):
+    plain = copy.deepcopy(detector)
+    plain.head = torch.nn.Linear(1, 1)
+    with pytest.raises(TypeError, match="class activation map"):
+        evidence_map(plain, image)
+    with pytest.raises(TypeError, match="class activation map"):
+        next(guide(toy_flow(), plain, image, GuidanceConfig(gradient_weight="cam")))
+
+
+def test_cam_weight_keeps_the_update_where_the_classifier_sees_the_nodule(image):
+    """Velocity 0 and identity decoding: one weighted step is x - eta * w * grad, w = the input's evidence map."""
+    detector = ContrastDetector().eval()
+    common = dict(num_steps=10, start_index=4, guided_steps=1, strength=0.05, density_change="any")
+    plain = run_guidance(NoPriorFlow(), detector, image, GuidanceConfig(**common), compare_to="input")
+    weighted = run_guidance(NoPriorFlow(), detector, image, GuidanceConfig(gradient_weight="cam", **common),
+                            compare_to="input")
+    weight = evidence_map(detector, image)
+    change_plain, change_weighted = plain.x_counterfactual - image, weighted.x_counterfactual - image
+    torch.testing.assert_close(change_weighted, change_plain * weight, atol=1e-7, rtol=0)
+    # the classifier's context voxels (the slice below the blob, brightened by the plain step) are left alone ...
+    context = weight == 0
+    assert change_plain[context].abs().max() > 1e-3 and float(change_weighted[context].abs().max()) == 0.0
+    # ... and the blob, where its evidence is, keeps most of the plain step's darkening
+    blob = blob_mask()
+    assert float(change_plain[blob].sum()) < 0 and float(change_weighted[blob].sum() / change_plain[blob].sum()) > 0.5
+
+
 # --- gradients ---------------------------------------------------------------------------------------------------
 
 
@@ -311,7 +352,8 @@ def test_no_positive_slice_makes_guidance_a_no_op(detector):
 @pytest.mark.parametrize(
     "kwargs",
     [dict(start_index=31), dict(guided_steps=16), dict(positives="all"), dict(loss="mse"), dict(reduction="max"),
-     dict(inner_iterations=0), dict(positive_threshold=1.5), dict(density_change="increase")],
+     dict(inner_iterations=0), dict(positive_threshold=1.5), dict(density_change="increase"),
+     dict(gradient_weight="gradcam"), dict(weight_power=0.0), dict(weight_dilation=-1)],
 )
 def test_config_is_checked(kwargs):
     with pytest.raises(ValueError):

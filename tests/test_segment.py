@@ -16,6 +16,7 @@ from tfg_core.segment import (
     otsu_threshold,
     postprocess,
     refine_by_density,
+    scale_map,
     segment,
     threshold_dice_curve,
 )
@@ -233,3 +234,35 @@ def test_density_refinement_in_segment_and_calibration(rng):
     bad[0, 0, 0] = np.nan
     with pytest.raises(ValueError, match="non-finite"):
         refine_by_density(ball, bad)
+
+
+def test_scan_scale_reads_each_map_as_a_fraction_of_its_own_maximum(rng):
+    """A weak and a strong map of the same nodule: one absolute threshold loses the weak one, one fraction does not."""
+    strong, gt = case(rng, (2, 2, 2))
+    weak = 0.2 * strong  # the same map, a fifth of the amplitude
+    lung = np.ones(SHAPE, bool)
+    lung[0] = False
+    strong[0] = 5.0  # outside the lung: does not set the scale
+    np.testing.assert_allclose(scale_map(strong, lung, "scan")[lung], strong[lung] / strong[lung].max(), rtol=1e-6)
+    np.testing.assert_array_equal(scale_map(strong, lung), strong)  # "absolute": as it is
+    assert scale_map(strong, lung, "scan").dtype == np.float32
+    # inside the lung the weak map scales to the strong one (outside, only the strong map has the bright slab)
+    np.testing.assert_allclose(scale_map(weak, lung, "scan")[lung], scale_map(strong, lung, "scan")[lung], rtol=1e-5)
+    # one threshold calibrated on the strong map: absolute loses the weak scan, the scan scale finds both
+    threshold = calibrate_threshold([strong], [gt], lung_masks=[lung])
+    assert dice(segment(strong, threshold, lung), gt) == 1.0 and not segment(weak, threshold, lung).any()
+    fraction = calibrate_threshold([scale_map(strong, lung, "scan")], [gt], lung_masks=[lung])
+    assert dice(segment(scale_map(weak, lung, "scan"), fraction, lung), gt) == 1.0
+    # a map with nothing in the lung (a scan the classifier left alone) stays empty, without dividing by zero
+    silent = np.zeros(SHAPE, np.float32)
+    silent[0] = 1.0
+    assert not scale_map(silent, lung, "scan").any() and not scale_map(np.zeros(SHAPE), None, "scan").any()
+    assert scale_map(strong, None, "scan").max() == pytest.approx(1.0)  # no lung mask: the whole map's maximum
+    with pytest.raises(ValueError, match="map scale must be one of"):
+        scale_map(strong, lung, "zscore")
+    with pytest.raises(ValueError, match="lung mask shape"):
+        scale_map(strong, lung[:-1], "scan")
+    bad = strong.copy()
+    bad[3, 3, 3] = np.nan
+    with pytest.raises(ValueError, match="non-finite"):
+        scale_map(bad, lung, "scan")

@@ -146,3 +146,20 @@ def test_segment_with_density_refinement(phantom, tmp_path):
     # what the refinement keeps is dense tissue: denser on average than the plain mask, and above lung level
     assert hu[masks["density"]].mean() > hu[masks["none"]].mean() + 100
     assert np.percentile(hu[masks["density"]], 5) > -700
+
+
+def test_segment_with_a_scan_scaled_threshold(phantom, tmp_path):
+    """``--map-scale scan``: a numeric threshold is a fraction of the scan's largest change in the lung; the written
+    difference map stays unscaled, and the report says which scale was used."""
+    _, scans, annotations = phantom
+    scan = next(s for s in scans if (annotations.seriesuid == s.stem).any())
+    short = ["--start-index", "24", "--guided-steps", "3", "--gradient-weight", "cam", "--quiet"]
+    out = tmp_path / "scaled"
+    assert main(["segment", str(scan), "--out", str(out), "--map-scale", "scan", "--threshold", "0.5", *short]) == 0
+    report = json.loads((out / f"{scan.stem}.json").read_text())
+    assert report["parameters"]["map_scale"] == "scan" and report["parameters"]["guidance"]["gradient_weight"] == "cam"
+    difference = np.asarray(nib.load(str(out / f"{scan.stem}_diff.nii.gz")).dataobj)
+    mask = np.asarray(nib.load(str(out / f"{scan.stem}_mask.nii.gz")).dataobj) > 0
+    assert mask.any() and difference.max() < 0.5  # unscaled (a scaled map would reach 1 in the lung)
+    # the mask holds only strong changes: about half the largest one or more (0.3: resampling to the scan's grid)
+    assert difference[mask].min() >= 0.3 * difference.max()

@@ -27,6 +27,7 @@ DEFAULT_SWEEP: dict[str, list[Any]] = {
     "inner_iterations": [1, 2, 4],
     "loss": ["logit", "bce"],
     "density_change": ["any", "decrease"],
+    "gradient_weight": ["none", "cam"],
 }
 
 

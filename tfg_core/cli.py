@@ -15,6 +15,8 @@ ALL_DEMO_METHODS = ("tfg", "no_prior", "unguided", "cam", "gradcam", "scorecam",
 DIFFERENCES = ("absolute", "removed")  # the first is the default
 DENSITY_CHANGES = ("decrease", "any")  # the first is the default
 REFINEMENTS = ("none", "density")  # the first is the default (tfg_core.segment.REFINEMENTS; torch-free here)
+GRADIENT_WEIGHTS = ("none", "cam")  # the first is the default (tfg_core.guidance.GRADIENT_WEIGHTS)
+MAP_SCALES = ("absolute", "scan")  # the first is the default (tfg_core.segment.MAP_SCALES)
 
 
 def _phantom(args: argparse.Namespace) -> None:
@@ -50,9 +52,10 @@ def _demo(args: argparse.Namespace) -> None:
 
     methods = None if args.methods is None else (ALL_DEMO_METHODS if "all" in args.methods else args.methods)
     config = GuidanceConfig(loss=args.loss, decoder=args.decoder, difference=args.difference,
-                            density_change=args.density_change)
+                            density_change=args.density_change, strength=args.strength,
+                            gradient_weight=args.gradient_weight, weight_power=args.weight_power)
     run_demo_folds(args.fold, out=args.out, config=config, methods=methods, progress=not args.quiet,
-                   refine=args.refine)
+                   refine=args.refine, map_scale=args.map_scale)
 
 
 def _batch(args: argparse.Namespace) -> int:
@@ -95,9 +98,11 @@ def _segment(args: argparse.Namespace) -> int:
     guidance = GuidanceConfig(start_index=args.start_index, guided_steps=args.guided_steps, strength=args.strength,
                               inner_iterations=args.inner_iterations, loss=args.loss, slice_batch=args.slice_batch,
                               decoder=args.decoder, slab_slices=args.slab_slices, difference=args.difference,
-                              density_change=args.density_change)
+                              density_change=args.density_change, gradient_weight=args.gradient_weight,
+                              weight_power=args.weight_power)
     config = SegmentConfig(guidance=guidance, threshold=threshold, grid=grid,
-                           min_component_voxels=args.min_component_voxels, refine=args.refine)
+                           min_component_voxels=args.min_component_voxels, refine=args.refine,
+                           map_scale=args.map_scale)
     flow = load_flow(args.flow, args.autoencoder, args.unet, device=args.device)
     predictor = load_fold_predictor(args.fold, "tiny", args.predictor, device=args.device)
     models = {"flow": args.flow, "autoencoder": str(args.autoencoder or ""), "unet": str(args.unet or ""),
@@ -153,9 +158,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--density-change", choices=DENSITY_CHANGES, default=DENSITY_CHANGES[0],
                    help="guidance direction: only darkening, the gradient's non-negative part (default, measured: "
                         "README, Status), or any (the paper's)")
+    p.add_argument("--gradient-weight", choices=GRADIENT_WEIGHTS, default=GRADIENT_WEIGHTS[0],
+                   help="where the guidance may change the scan: everywhere (default, the paper's) or weighted by the "
+                        "classifier's own class activation map of the input (cam)")
+    p.add_argument("--weight-power", type=float, default=1.0, help="exponent of the normalised CAM weight")
+    p.add_argument("--strength", type=float, default=1.0, help="guidance step size")
     p.add_argument("--refine", choices=REFINEMENTS, default=REFINEMENTS[0],
                    help="post-processing of every method's mask: none (default, the paper's protocol) or density "
                         "(each component redrawn on the scan's density, half-way between lung and its peak)")
+    p.add_argument("--map-scale", choices=MAP_SCALES, default=MAP_SCALES[0],
+                   help="every method's map thresholded as it is (default, the paper's protocol) or as a fraction of "
+                        "its scan's maximum in the lung (scan)")
     p.add_argument("--methods", nargs="+", default=None, metavar="METHOD", choices=(*ALL_DEMO_METHODS, "all"),
                    help="methods to run: " + " ".join(ALL_DEMO_METHODS) + " or all (default: all but weakmedsam, "
                         "whose LiteMedSAM encoder costs seconds per slice on a CPU; tfg and unguided share one run)")
@@ -227,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-component-voxels", type=int, default=0, help="drop smaller components (model grid)")
     p.add_argument("--refine", choices=REFINEMENTS, default=REFINEMENTS[0],
                    help="none (default) or density: each component redrawn on the scan's density")
+    p.add_argument("--map-scale", choices=MAP_SCALES, default=MAP_SCALES[0],
+                   help="absolute (default) or scan: the map as a fraction of its maximum in the lung, so a numeric "
+                        "--threshold is that fraction")
     p.add_argument("--start-index", type=int, default=15, help="sampling step where sampling restarts (of 30)")
     p.add_argument("--guided-steps", type=int, default=5, help="guided sampling steps")
     p.add_argument("--strength", type=float, default=1.0, help="guidance step size")
@@ -236,6 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="map: |guided - reference| or the density the guidance removed")
     p.add_argument("--density-change", choices=DENSITY_CHANGES, default=DENSITY_CHANGES[0],
                    help="guidance direction: only darkening (default; the gradient's non-negative part) or any")
+    p.add_argument("--gradient-weight", choices=GRADIENT_WEIGHTS, default=GRADIENT_WEIGHTS[0],
+                   help="where the guidance may change the scan: everywhere (default, the paper's) or weighted by the "
+                        "classifier's own class activation map of the input (cam)")
+    p.add_argument("--weight-power", type=float, default=1.0, help="exponent of the normalised CAM weight")
     p.add_argument("--slice-batch", type=int, default=16, help="2.5D stacks per predictor call (memory)")
     p.add_argument("--decoder", choices=("auto", "slab", "full"), default="auto",
                    help="back-propagation through the decoder: slab decoding (MAISI-v2's default) or whole volume")

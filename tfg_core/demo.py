@@ -72,7 +72,7 @@ def load_shipped_predictor(fold: int):
 
 def segment_fold(root: Path, manifest: pd.DataFrame, annotations: pd.DataFrame, split, out: Path, predictor=None,
                  config=None, methods: Sequence[str] | None = None, progress: bool = True,
-                 refine: str = "none") -> pd.DataFrame | None:
+                 refine: str = "none", map_scale: str = "absolute") -> pd.DataFrame | None:
     """Guided segmentation of the held-out fold with the shipped assets; None when they are missing.
 
     Args:
@@ -86,6 +86,8 @@ def segment_fold(root: Path, manifest: pd.DataFrame, annotations: pd.DataFrame, 
         methods: methods to run (default :data:`DEFAULT_METHODS`).
         progress: progress bars.
         refine: post-processing of every method's mask (:data:`tfg_core.segment.REFINEMENTS`).
+        map_scale: every method's map as it is or as a fraction of its scan's maximum
+            (:data:`tfg_core.segment.MAP_SCALES`).
     """
     flow_path = ASSETS / "demo_flow.pt"
     if predictor is None or not flow_path.is_file():
@@ -113,7 +115,7 @@ def segment_fold(root: Path, manifest: pd.DataFrame, annotations: pd.DataFrame, 
 
     rows, thresholds = evaluate_fold(root, manifest, annotations, split, flow, predictor, config, methods=methods,
                                      backbone="tiny", experiment="demo", on_test_case=keep, progress=progress,
-                                     refine=refine)
+                                     refine=refine, map_scale=map_scale)
     atomic_write_text(out / f"fold{split.fold}_results.csv", rows.to_csv(index=False))
     if "tfg" in methods:
         atomic_write_with(out / f"fold{split.fold}_segmentation.png", lambda tmp: _segmentation_figure(shown, tmp))
@@ -131,7 +133,8 @@ def segment_fold(root: Path, manifest: pd.DataFrame, annotations: pd.DataFrame, 
 
 def run_demo(out: str | os.PathLike = "outputs/demo", fold: int = 0, cohort: str | os.PathLike | None = None,
              config=None, methods: Sequence[str] | None = None,
-             progress: bool = True, refine: str = "none") -> tuple[pd.DataFrame, pd.DataFrame | None]:
+             progress: bool = True, refine: str = "none",
+             map_scale: str = "absolute") -> tuple[pd.DataFrame, pd.DataFrame | None]:
     """Run the demo on one held-out phantom fold and write a table and figures.
 
     Returns the per-scan data table and the segmentation rows (None when no predictor is shipped for the fold).
@@ -144,6 +147,8 @@ def run_demo(out: str | os.PathLike = "outputs/demo", fold: int = 0, cohort: str
         methods: methods to run (None: :data:`DEFAULT_METHODS`).
         progress: progress bars.
         refine: post-processing of every method's mask (:data:`tfg_core.segment.REFINEMENTS`).
+        map_scale: every method's map as it is or as a fraction of its scan's maximum
+            (:data:`tfg_core.segment.MAP_SCALES`).
     """
     started = time.perf_counter()
     out = Path(out)
@@ -188,14 +193,14 @@ def run_demo(out: str | os.PathLike = "outputs/demo", fold: int = 0, cohort: str
           f"predictor: {ckpt.name if ckpt else 'none shipped yet'}; {time.perf_counter() - started:.1f} s")
     print(f"wrote {out / f'fold{fold}_cases.csv'} and {figure}")
     seg_rows = segment_fold(root, manifest, annotations, split, out, predictor=predictor, config=config,
-                            methods=methods, progress=progress, refine=refine)
+                            methods=methods, progress=progress, refine=refine, map_scale=map_scale)
     print(f"total {time.perf_counter() - started:.1f} s")
     return table, seg_rows
 
 
 def run_demo_folds(folds: list[int], out: str | os.PathLike = "outputs/demo", config=None,
                    methods: Sequence[str] | None = None, progress: bool = True,
-                   refine: str = "none") -> pd.DataFrame | None:
+                   refine: str = "none", map_scale: str = "absolute") -> pd.DataFrame | None:
     """:func:`run_demo` for several held-out folds, then one report over all their test scans.
 
     Writes ``all_folds_results.csv`` (the tidy rows of every fold run) and ``report/`` (the paper's Table 1
@@ -208,12 +213,15 @@ def run_demo_folds(folds: list[int], out: str | os.PathLike = "outputs/demo", co
         methods: methods to run (None: :data:`DEFAULT_METHODS`).
         progress: progress bars.
         refine: post-processing of every method's mask (:data:`tfg_core.segment.REFINEMENTS`).
+        map_scale: every method's map as it is or as a fraction of its scan's maximum
+            (:data:`tfg_core.segment.MAP_SCALES`).
     """
     from tfg_core.report import write_report
 
     rows = []
     for fold in folds:
-        _, seg = run_demo(out, fold, config=config, methods=methods, progress=progress, refine=refine)
+        _, seg = run_demo(out, fold, config=config, methods=methods, progress=progress, refine=refine,
+                          map_scale=map_scale)
         if seg is not None:  # None: no predictor shipped for this fold
             rows.append(seg)
     if not rows:

@@ -28,7 +28,7 @@ from tfg_core.flow.base import FlowModel
 from tfg_core.flow.noprior import NoPriorFlow
 from tfg_core.guidance import GuidanceConfig, run_guidance
 from tfg_core.metrics import case_metrics, peak_distance_mm
-from tfg_core.segment import REFINEMENTS, calibrate_threshold, difference_map, segment
+from tfg_core.segment import MAP_SCALES, REFINEMENTS, calibrate_threshold, difference_map, scale_map, segment
 
 METHODS = ("tfg", "no_prior", "unguided")  # the guidance and its two ablations
 # the ideal counterfactual (phantoms only): the same scan without its nodules, through the same autoencoder
@@ -181,6 +181,7 @@ def evaluate_fold(
     threshold_mode: str | Sequence[str] = "calibrated",
     min_component_voxels: int = 0,
     refine: str = "none",
+    map_scale: str = "absolute",
     backbone: str = "tiny",
     experiment: str = "demo",
     on_test_case: Callable[[PreparedCase, dict[str, np.ndarray], dict[str, np.ndarray]], None] | None = None,
@@ -204,6 +205,8 @@ def evaluate_fold(
         min_component_voxels: post-processing: drop smaller components (model-grid voxels).
         refine: post-processing: ``"density"`` redraws each component on the input's density
             (:func:`tfg_core.segment.refine_by_density`), for every method alike; ``"none"`` (default) does not.
+        map_scale: ``"scan"`` reads every map as a fraction of its own maximum in the lung before calibration and
+            thresholding (:func:`tfg_core.segment.scale_map`), for every method alike; ``"absolute"`` (default) not.
         backbone: predictor name for the rows.
         experiment: experiment name for the rows.
         on_test_case: called with (prepared case, maps, masks on the model grid) for each test scan (figures, NIfTI).
@@ -215,8 +218,13 @@ def evaluate_fold(
     if "weakmedsam" in methods and weakmedsam is None:
         pam = baseline_config.pam if baseline_config is not None else None
         weakmedsam = WeakMedSam.from_litemedsam(predictor, config=pam)
-    compute = lambda prepared, seconds=None: difference_maps(
-        prepared, flow, predictor, config, methods, baseline_config, weakmedsam, seconds)
+    if map_scale not in MAP_SCALES:
+        raise ValueError(f"map_scale must be one of {MAP_SCALES}, got {map_scale!r}")
+
+    def compute(prepared: PreparedCase, seconds: dict[str, float] | None = None) -> dict[str, np.ndarray]:
+        maps = difference_maps(prepared, flow, predictor, config, methods, baseline_config, weakmedsam, seconds)
+        return {m: scale_map(a, prepared.lung_grid, map_scale) for m, a in maps.items()}
+
     rows_by_uid = manifest.set_index("seriesuid", drop=False)
     cohort = read_cohort_config(root) if ORACLE in methods else None
 
@@ -248,6 +256,7 @@ def evaluate_fold(
 
     params = {"guidance": asdict(config), "threshold_mode": threshold_mode if isinstance(threshold_mode, str) else list(modes), "min_component_voxels": min_component_voxels,
               **({"refine": refine} if refine != "none" else {}),  # absent = none: older rows keep their hash
+              **({"map_scale": map_scale} if map_scale != "absolute" else {}),
               "baselines": asdict(baseline_config or BaselineConfig())}
     phash = params_hash(params)
     rows = []
@@ -269,6 +278,7 @@ def evaluate_fold(
                 metrics = case_metrics(on_scan, prepared.case.nodule_mask, prepared.case.volume.spacing)
                 rows.append({"experiment": experiment, "fold": split.fold, "seriesuid": uid, "backbone": backbone,
                              "method": m, **metrics, "threshold_mode": mode, "refine": refine,
+                             "map_scale": map_scale,
                              "threshold": threshold if isinstance(threshold, str) else float(threshold),
                              "n_nodules": len(prepared.case.annotations),
                              "peak_dist_mm": peak, "peak_on_nodule": bool(peak <= max(prepared.grid.spacing)),

@@ -48,6 +48,9 @@ class SegmentConfig:
         min_component_voxels: drop smaller components (model-grid voxels).
         refine: ``"density"`` redraws each component on the scan's density (:func:`tfg_core.segment.refine_by_density`);
             ``"none"`` keeps the thresholded map.
+        map_scale: ``"scan"`` thresholds the map as a fraction of its maximum in the lung
+            (:func:`tfg_core.segment.scale_map`; a numeric ``threshold`` is then that fraction), ``"absolute"`` as it
+            is. The written difference map is the unscaled one either way.
         max_anisotropy: refuse model grids whose voxel sides differ more than this factor.
     """
 
@@ -56,13 +59,15 @@ class SegmentConfig:
     grid: tuple[int, int, int] | None = None
     min_component_voxels: int = 0
     refine: str = "none"
+    map_scale: str = "absolute"
     max_anisotropy: float = MAX_ANISOTROPY
 
     def as_dict(self) -> dict[str, Any]:
         return {"guidance": asdict(self.guidance), "threshold": self.threshold,
                 "grid": list(self.grid) if self.grid else None, "min_component_voxels": self.min_component_voxels,
                 "max_anisotropy": self.max_anisotropy,
-                **({"refine": self.refine} if self.refine != "none" else {})}  # absent = none: old runs resume
+                **({"refine": self.refine} if self.refine != "none" else {}),  # absent = none: old runs resume
+                **({"map_scale": self.map_scale} if self.map_scale != "absolute" else {})}
 
 
 def read_input(path: str | os.PathLike) -> Volume:
@@ -180,7 +185,7 @@ def segment_volume(volume: Volume, flow, predictor, config: SegmentConfig | None
     from tfg_core.data.lungmask import threshold_lung_mask
     from tfg_core.data.preprocess import check_finite, mask_to_model_grid, model_grid_shape, to_model_grid
     from tfg_core.guidance import run_guidance
-    from tfg_core.segment import on_scan, otsu_threshold, segment
+    from tfg_core.segment import on_scan, otsu_threshold, scale_map, segment
 
     config = config or SegmentConfig()
     timings: dict[str, float] = {}
@@ -208,8 +213,9 @@ def segment_volume(volume: Volume, flow, predictor, config: SegmentConfig | None
 
     started = time.perf_counter()
     diff = result.difference.numpy()
-    threshold = otsu_threshold(diff, lung) if config.threshold == "otsu" else float(config.threshold)
-    mask_grid = segment(diff, threshold, lung, config.min_component_voxels, refine=config.refine, image=grid.array)
+    scaled = scale_map(diff, lung, config.map_scale)
+    threshold = otsu_threshold(scaled, lung) if config.threshold == "otsu" else float(config.threshold)
+    mask_grid = segment(scaled, threshold, lung, config.min_component_voxels, refine=config.refine, image=grid.array)
     mask = on_scan(mask_grid, volume, is_mask=True)
     difference = on_scan(diff, volume, is_mask=False)
     parts = components(mask.array > 0, volume)

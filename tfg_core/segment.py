@@ -47,6 +47,37 @@ def difference_map(x_cf: ArrayLike, x_ref: ArrayLike, mode: str = "absolute") ->
     return np.abs(change) if mode == "absolute" else np.maximum(-change, 0.0)
 
 
+MAP_SCALES = ("absolute", "scan")  # the first is the default everywhere
+
+
+def scale_map(diff: ArrayLike, lung_mask: np.ndarray | None = None, scale: str = "absolute") -> np.ndarray:
+    """A map on the scale its threshold is read on: as it is, or as a fraction of the scan's own maximum.
+
+    ``"absolute"`` keeps the values (the paper's protocol: one threshold in map units for every scan of a fold).
+    ``"scan"`` divides by the map's maximum inside the lung mask, so a threshold means "this fraction of the
+    strongest change in this scan" and a scan whose map is weak overall is not emptied by a threshold set on
+    strong ones; a map with no positive value there is returned as zeros (a healthy scan the classifier left
+    alone stays empty).
+
+    Args:
+        diff: any method's non-negative map ``(z, y, x)``.
+        lung_mask: voxels whose maximum sets the scale (the whole map when None).
+        scale: one of :data:`MAP_SCALES`.
+    """
+    if scale not in MAP_SCALES:
+        raise ValueError(f"map scale must be one of {MAP_SCALES}, got {scale!r}")
+    values = _numpy(diff).astype(np.float32, copy=False)
+    if scale == "absolute":
+        return values
+    if lung_mask is not None and np.shape(lung_mask) != values.shape:
+        raise ValueError(f"lung mask shape {np.shape(lung_mask)} differs from the map's {values.shape}")
+    inside = values[np.asarray(lung_mask, bool)] if lung_mask is not None else values.ravel()
+    peak = float(inside.max()) if inside.size else 0.0
+    if not np.isfinite(peak):
+        raise ValueError("the map has non-finite values: cannot scale it")
+    return values / peak if peak > 0 else np.zeros_like(values)
+
+
 def dice(pred: np.ndarray, gt: np.ndarray) -> float:
     """Dice of two boolean masks; 1.0 when both are empty (nothing to find, nothing found).
 
