@@ -67,7 +67,8 @@ def test_cli_method_names_are_the_evaluation_methods():
     assert GRADIENT_WEIGHTS == WEIGHTS and GuidanceConfig().gradient_weight == GRADIENT_WEIGHTS[0]
     assert REFINEMENTS == POSTPROCESSING and SegmentConfig().refine == REFINEMENTS[0]
     assert MAP_SCALES == SCALES and SegmentConfig().map_scale == MAP_SCALES[0]
-    assert "map_scale" not in SegmentConfig().as_dict() and SegmentConfig(map_scale="scan").as_dict()["map_scale"] == "scan"
+    assert "map_scale" not in SegmentConfig().as_dict()
+    assert SegmentConfig(map_scale="scan").as_dict()["map_scale"] == "scan"
     # the default leaves the resume hash of earlier runs as it was; the refinement enters it
     assert "refine" not in SegmentConfig().as_dict() and SegmentConfig(refine="density").as_dict()["refine"] == "density"
 

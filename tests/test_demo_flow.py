@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -194,24 +195,33 @@ def test_samples_from_noise_look_like_phantoms(flow):
 
 
 # --- the counterfactual replaces a nodule -----------------------------------------------------------------------
-def test_guidance_replaces_the_nodule_with_lung(flow):
-    """The shipped fold predictor (trained without this case) steers the shipped flow with the default guidance: the
-    counterfactual replaces a 25.7 mm solid nodule by lung-like density, and leaves the lung as a whole alone."""
+@pytest.fixture(scope="module")
+def showcase() -> SimpleNamespace:
+    """The 25.7 mm solid nodule case on the model grid, its masks, and the shipped predictor of its fold."""
     from tfg_core.demo import load_shipped_predictor
 
     case = generate_case(NODULE_CASE)
     grid_volume = to_model_grid(case.volume, shape=IMAGE_SHAPE)
-    x = torch.from_numpy(grid_volume.array)
-    nodule = mask_to_model_grid(case.nodule_labels == 1, case.volume, grid_volume) > 0.5
-    lung = mask_to_model_grid(case.lung_mask & ~case.nodule_mask, case.volume, grid_volume) > 0.5
-    predictor = load_shipped_predictor(case.subset).requires_grad_(False)
+    return SimpleNamespace(
+        x=torch.from_numpy(grid_volume.array),
+        nodule=mask_to_model_grid(case.nodule_labels == 1, case.volume, grid_volume) > 0.5,
+        lung=mask_to_model_grid(case.lung_mask & ~case.nodule_mask, case.volume, grid_volume) > 0.5,
+        predictor=load_shipped_predictor(case.subset).requires_grad_(False),
+        predictor_name=f"tiny_predictor_fold{case.subset}.pt",
+    )
+
+
+def test_guidance_replaces_the_nodule_with_lung(flow, showcase):
+    """The shipped fold predictor (trained without this case) steers the shipped flow with the default guidance: the
+    counterfactual replaces a 25.7 mm solid nodule by lung-like density, and leaves the lung as a whole alone."""
+    x, nodule, lung, predictor = showcase.x, showcase.nodule, showcase.lung, showcase.predictor
     t0 = time.monotonic()
     result = run_guidance(flow, predictor, x, GuidanceConfig())
     hu = {k: unit_to_hu(v.numpy()) for k, v in
           (("input", x), ("reference", result.x_reference), ("counterfactual", result.x_counterfactual))}
     report = {k: round(float(v[nodule].mean()), 1) for k, v in hu.items()}
     report["lung_reference"] = round(float(hu["reference"][lung].mean()), 1)
-    report["predictor"], report["seconds"] = f"tiny_predictor_fold{case.subset}.pt", round(time.monotonic() - t0, 1)
+    report["predictor"], report["seconds"] = showcase.predictor_name, round(time.monotonic() - t0, 1)
     report["positives"] = list(result.input_positives)
     print("nodule HU", json.dumps(report))
     nodule_slices = set(np.flatnonzero(nodule.any(axis=(1, 2))).tolist())
@@ -229,18 +239,11 @@ def test_guidance_replaces_the_nodule_with_lung(flow):
     assert abs(lung_after - report["lung_reference"]) < 30, (lung_after, report)
 
 
-def test_cam_weighted_guidance_changes_less_of_the_lung(flow):
+def test_cam_weighted_guidance_changes_less_of_the_lung(flow, showcase):
     """``gradient_weight="cam"``: the same showcase nodule is still replaced by lung, and the rest of the lung changes
     less than under the unweighted default (measured: excess over the lung 603 -> 48 HU, mean |change| in the lung
     20.7 HU against 28.5 HU)."""
-    from tfg_core.demo import load_shipped_predictor
-
-    case = generate_case(NODULE_CASE)
-    grid_volume = to_model_grid(case.volume, shape=IMAGE_SHAPE)
-    x = torch.from_numpy(grid_volume.array)
-    nodule = mask_to_model_grid(case.nodule_labels == 1, case.volume, grid_volume) > 0.5
-    lung = mask_to_model_grid(case.lung_mask & ~case.nodule_mask, case.volume, grid_volume) > 0.5
-    predictor = load_shipped_predictor(case.subset).requires_grad_(False)
+    x, nodule, lung, predictor = showcase.x, showcase.nodule, showcase.lung, showcase.predictor
     measured = {}
     for weight in ("none", "cam"):
         result = run_guidance(flow, predictor, x, GuidanceConfig(gradient_weight=weight))

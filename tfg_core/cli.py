@@ -140,6 +140,14 @@ def _report(args: argparse.Namespace) -> int:
     print(f"{len(rows)} rows from {len(files)} file(s) → {', '.join(str(p) for p in paths.values())}")
 
 
+def _add_gradient_weight(p: argparse.ArgumentParser) -> None:
+    """The CAM weight of the guidance (``GuidanceConfig.gradient_weight``), the same for demo and segment."""
+    p.add_argument("--gradient-weight", choices=GRADIENT_WEIGHTS, default=GRADIENT_WEIGHTS[0],
+                   help="where the guidance may change the scan: everywhere (default, the paper's) or weighted by the "
+                        "classifier's own class activation map of the input (cam)")
+    p.add_argument("--weight-power", type=float, default=1.0, help="exponent of the normalised CAM weight")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tfg", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -158,10 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--density-change", choices=DENSITY_CHANGES, default=DENSITY_CHANGES[0],
                    help="guidance direction: only darkening, the gradient's non-negative part (default, measured: "
                         "README, Status), or any (the paper's)")
-    p.add_argument("--gradient-weight", choices=GRADIENT_WEIGHTS, default=GRADIENT_WEIGHTS[0],
-                   help="where the guidance may change the scan: everywhere (default, the paper's) or weighted by the "
-                        "classifier's own class activation map of the input (cam)")
-    p.add_argument("--weight-power", type=float, default=1.0, help="exponent of the normalised CAM weight")
+    _add_gradient_weight(p)
     p.add_argument("--strength", type=float, default=1.0, help="guidance step size")
     p.add_argument("--refine", choices=REFINEMENTS, default=REFINEMENTS[0],
                    help="post-processing of every method's mask: none (default, the paper's protocol) or density "
@@ -252,10 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="map: |guided - reference| or the density the guidance removed")
     p.add_argument("--density-change", choices=DENSITY_CHANGES, default=DENSITY_CHANGES[0],
                    help="guidance direction: only darkening (default; the gradient's non-negative part) or any")
-    p.add_argument("--gradient-weight", choices=GRADIENT_WEIGHTS, default=GRADIENT_WEIGHTS[0],
-                   help="where the guidance may change the scan: everywhere (default, the paper's) or weighted by the "
-                        "classifier's own class activation map of the input (cam)")
-    p.add_argument("--weight-power", type=float, default=1.0, help="exponent of the normalised CAM weight")
+    _add_gradient_weight(p)
     p.add_argument("--slice-batch", type=int, default=16, help="2.5D stacks per predictor call (memory)")
     p.add_argument("--decoder", choices=("auto", "slab", "full"), default="auto",
                    help="back-propagation through the decoder: slab decoding (MAISI-v2's default) or whole volume")

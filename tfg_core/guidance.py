@@ -282,22 +282,19 @@ def evidence_map(
     of ``2 * dilation + 1`` voxels. All zero when the classifier sees no evidence anywhere.
 
     Args:
-        predictor: slice classifier in eval mode whose ``head`` has a ``cam`` method (``CamHead``).
+        predictor: slice classifier in eval mode with a ``CamHead`` (``Predictor.class_activation``).
         image: volume (z, y, x) in [0, 1].
         power: exponent of the normalised map.
         dilation: max-filter radius in voxels (0: none).
         slice_batch: stacks per classifier call.
     """
-    if not callable(getattr(predictor.head, "cam", None)):
-        raise TypeError(f"gradient_weight='cam' needs a predictor whose head computes a class activation map "
-                        f"(CamHead); {type(predictor).__name__} has {type(predictor.head).__name__}")
     vol = image.detach()
     maps = []
     with torch.no_grad():
         for i in range(0, vol.shape[0], slice_batch):
             stacks = make_stacks(vol, list(range(i, min(i + slice_batch, vol.shape[0]))),
                                  n_slices=predictor.in_slices, size=predictor.input_size)
-            cam = predictor.head.cam(predictor.feat(predictor.features(predictor.normalize(stacks))))
+            cam = predictor.class_activation(stacks)
             maps.append(F.interpolate(cam[:, None].float(), size=tuple(vol.shape[1:]), mode="bilinear",
                                       align_corners=False)[:, 0])
     weight = torch.cat(maps).clamp_min(0)
@@ -443,7 +440,7 @@ def guide(
     with torch.no_grad():
         z = flow.encode(x)
     weight = None
-    if cfg.gradient_weight == "cam":  # the input's evidence, fixed for the whole run (first: a head without a CAM fails here)
+    if cfg.gradient_weight == "cam":  # the input's evidence, fixed for the run; first, so a head without a CAM fails here
         weight = evidence_map(predictor, x[0, 0], cfg.weight_power, cfg.weight_dilation, cfg.slice_batch)
     input_pos, input_probs = positive_slices(predictor, x[0, 0], cfg.positive_threshold, cfg.slice_batch)
     yield GuidanceStep("encode", None, 0.0, 0.0, z.detach().cpu(), positives=input_pos, probabilities=input_probs)

@@ -39,7 +39,7 @@ def cam_maps(predictor: Predictor, stacks: torch.Tensor, centres: Sequence[int] 
         stacks: (B, in_slices, H, W) in [0, 1].
         centres: unused (the slicewise interface passes it).
     """
-    return predictor.head.cam(_features(predictor, stacks)).clamp_min(0)
+    return predictor.class_activation(stacks).clamp_min(0)
 
 
 def gradcam_maps(predictor: Predictor, stacks: torch.Tensor, centres: Sequence[int] | None = None) -> torch.Tensor:

@@ -194,3 +194,14 @@ class Predictor(nn.Module):
         """
         check_stacks(stacks, self.in_slices, self.input_size)
         return self.head(self.feat(self.features(self.normalize(stacks))))
+
+    def class_activation(self, stacks: torch.Tensor) -> torch.Tensor:
+        """Class activation map (B, h, w) of stacks in [0, 1]: the head's weights on ``feat``, bias left out.
+
+        Args:
+            stacks: 2.5D stacks (B, in_slices, H, W) in MAISI's [0, 1] intensity convention.
+        """
+        if not callable(getattr(self.head, "cam", None)):
+            raise TypeError(f"{type(self).__name__}'s head {type(self.head).__name__} computes no class activation "
+                            f"map (it needs a CamHead)")
+        return self.head.cam(self.feat(self.features(self.normalize(stacks))))
