@@ -8,8 +8,9 @@ import torch.nn.functional as F
 from tfg_core.baselines import BASELINES, BaselineConfig, baseline_map
 from tfg_core.baselines.cam import cam_maps, gradcam_maps, scorecam_maps
 from tfg_core.baselines.ig import ig_maps
-from tfg_core.baselines.slicewise import resize_maps, slicewise_map
+from tfg_core.baselines.slicewise import slicewise_map
 from tfg_core.baselines.weakmedsam import disk_offsets, random_walk, transition
+from tfg_core.data.slices import resize_maps
 from tfg_core.predictors.heads import ConvCamHead, LinearCamHead, Predictor
 
 GRID = 32  # volume (y, x)

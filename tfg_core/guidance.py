@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from tfg_core.data.slices import make_stacks
+from tfg_core.data.slices import make_stacks, resize_maps
 from tfg_core.flow.base import FlowModel
 from tfg_core.flow.schedule import clean_estimate, euler_step, invert, run_to_end, sample, sampling_steps
 from tfg_core.flow.slab import decode_with_statistics
@@ -294,9 +294,7 @@ def evidence_map(
         for i in range(0, vol.shape[0], slice_batch):
             stacks = make_stacks(vol, list(range(i, min(i + slice_batch, vol.shape[0]))),
                                  n_slices=predictor.in_slices, size=predictor.input_size)
-            cam = predictor.class_activation(stacks)
-            maps.append(F.interpolate(cam[:, None].float(), size=tuple(vol.shape[1:]), mode="bilinear",
-                                      align_corners=False)[:, 0])
+            maps.append(resize_maps(predictor.class_activation(stacks).float(), tuple(vol.shape[1:])))
     weight = torch.cat(maps).clamp_min(0)
     peak = weight.max()
     if peak <= 0:

@@ -14,30 +14,14 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from tfg_core.data.slices import make_stacks
+from tfg_core.data.slices import make_stacks, resize_maps
 from tfg_core.guidance import positive_slices
 from tfg_core.predictors.heads import Predictor
 
 # stacks (B, in_slices, H, W) → maps (B, h, w) at any resolution covering the same field of view
 SliceMapFn = Callable[[torch.Tensor, Sequence[int]], torch.Tensor]
-
-
-def resize_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear resize of (B, h, w) maps to (B, *size), both grids covering the same field of view.
-
-    ``align_corners=False`` matches how the stacks were resized for the predictor (``make_stacks``), so a
-    feature cell lands on the pixels it was computed from.
-
-    Args:
-        maps: 2D maps.
-        size: target (y, x).
-    """
-    if tuple(maps.shape[-2:]) == tuple(size):
-        return maps
-    return F.interpolate(maps[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
 
 
 def explained_slices(predictor: Predictor, volume: torch.Tensor, gate: float | None = 0.5,

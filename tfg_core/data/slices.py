@@ -59,6 +59,21 @@ def make_stacks(
     return stacks
 
 
+def resize_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of (B, h, w) maps to (B, *size), both grids covering the same field of view.
+
+    ``align_corners=False`` matches how the stacks were resized for the predictor (``make_stacks``), so a
+    feature cell lands on the pixels it was computed from.
+
+    Args:
+        maps: 2D maps.
+        size: target (y, x).
+    """
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    return F.interpolate(maps[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
+
+
 def slice_labels(nodule_mask: np.ndarray | torch.Tensor) -> np.ndarray:
     """Weak label per axial slice: True when the slice holds any nodule voxel.
 
