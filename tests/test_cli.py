@@ -48,6 +48,48 @@ def test_demo_runs_on_the_embedded_default(tmp_path, capsys):
     assert set(scaled.params_hash).isdisjoint(cam.params_hash) and 0 < scaled.threshold.iloc[0] < 1
 
 
+def test_demo_resumes_finished_folds_and_reruns_anything_changed_or_unfinished(tmp_path, capsys, monkeypatch):
+    import json
+
+    import tfg_core.evaluate
+
+    out = tmp_path / "demo"
+    args = ["demo", "--out", str(out), "--fold", "2", "--methods", "cam", "--quiet"]
+    assert main(args) == 0
+    first = pd.read_csv(out / "all_folds_results.csv")
+    finished = out / "fold2_finished.json"
+    key = json.loads(finished.read_text())
+    assert key["methods"] == ["cam"] and key["fold"] == 2 and set(first.params_hash) == {key["params_hash"]}
+
+    calls = []
+
+    def must_not_run(*a, **k):
+        calls.append(1)
+        raise RuntimeError("evaluate_fold ran")
+
+    monkeypatch.setattr(tfg_core.evaluate, "evaluate_fold", must_not_run)
+    capsys.readouterr()
+    assert main(args) == 0  # nothing changed: the fold is read back, not run
+    assert "fold 2: reusing" in capsys.readouterr().out and not calls
+    pd.testing.assert_frame_equal(pd.read_csv(out / "all_folds_results.csv"), first)
+
+    # anything that decides the rows, --fresh, or a fold that never finished: it runs again
+    for changed in (["--fresh"], ["--map-scale", "scan"], ["--refine", "density"], ["--strength", "2"]):
+        with pytest.raises(RuntimeError, match="evaluate_fold ran"):
+            main(args + changed)
+    assert not finished.exists()  # the first rerun started over: the old rows no longer count as finished
+    finished.write_text(json.dumps(key))
+    assert main(args) == 0
+    finished.write_text("{not json")  # e.g. the disk filled up mid-write of an older version
+    with pytest.raises(RuntimeError):
+        main(args)
+    finished.write_text(json.dumps(key))
+    (out / "fold2_results.csv").write_text(first.assign(method="ig").to_csv(index=False))  # rows not of this key
+    with pytest.raises(RuntimeError):
+        main(args)
+    assert len(calls) == 6  # four changes and two untrustworthy records
+
+
 def test_cli_method_names_are_the_evaluation_methods():
     from tfg_core.cli import (ALL_DEMO_METHODS, DENSITY_CHANGES, DIFFERENCES, GRADIENT_WEIGHTS, MAP_SCALES,
                               REFINEMENTS)

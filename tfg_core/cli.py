@@ -55,7 +55,7 @@ def _demo(args: argparse.Namespace) -> None:
                             density_change=args.density_change, strength=args.strength,
                             gradient_weight=args.gradient_weight, weight_power=args.weight_power)
     run_demo_folds(args.fold, out=args.out, config=config, methods=methods, progress=not args.quiet,
-                   refine=args.refine, map_scale=args.map_scale)
+                   refine=args.refine, map_scale=args.map_scale, resume=not args.fresh)
 
 
 def _batch(args: argparse.Namespace) -> int:
@@ -174,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--map-scale", choices=MAP_SCALES, default=MAP_SCALES[0],
                    help="every method's map thresholded as it is (default, the paper's protocol) or as a fraction of "
                         "its scan's maximum in the lung (scan)")
+    p.add_argument("--fresh", action="store_true",
+                   help="run every fold again (default: a fold that finished in --out with the same parameters, "
+                        "methods, predictor and flow is read back, so a killed run resumes)")
     p.add_argument("--methods", nargs="+", default=None, metavar="METHOD", choices=(*ALL_DEMO_METHODS, "all"),
                    help="methods to run: " + " ".join(ALL_DEMO_METHODS) + " or all (default: all but weakmedsam, "
                         "whose LiteMedSAM encoder costs seconds per slice on a CPU; tfg and unguided share one run)")

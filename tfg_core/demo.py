@@ -9,11 +9,13 @@
 3. the baselines on the same predictor and protocol (CAM, Grad-CAM, Score-CAM, Integrated Gradients, WeakMedSAM
    with LiteMedSAM's real prompt encoder and decoder), a side-by-side figure, and the paper's Table 1 layout over
    the folds run (``report/``).
-Results are written atomically under ``out``; a rerun reuses the cohort.
+Results are written atomically under ``out``; a rerun reuses the cohort and every fold that finished with the
+same parameters, methods and networks (``fold<k>_finished.json``).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Sequence
@@ -54,8 +56,6 @@ def load_shipped_predictor(fold: int):
     Args:
         fold: held-out fold.
     """
-    import json
-
     from tfg_core.checkpoints import verify_sha256
     from tfg_core.errors import CheckpointError
     from tfg_core.training.checkpoint import load_predictor
@@ -70,10 +70,39 @@ def load_shipped_predictor(fold: int):
     return load_predictor(path)[0]
 
 
+def _finished_key(split, predictor_path: Path, flow_path: Path, config, methods: Sequence[str], refine: str,
+                  map_scale: str) -> dict:
+    """What decides a fold's rows: the scans, the evaluation parameters, the methods and the networks' files."""
+    from tfg_core.evaluate import evaluation_params, params_hash
+    from tfg_core.io import sha256_file
+
+    return {"fold": int(split.fold), "val": sorted(split.val), "test": sorted(split.test),
+            "params_hash": params_hash(evaluation_params(config, refine=refine, map_scale=map_scale)),
+            "methods": sorted(methods), "predictor_sha256": sha256_file(predictor_path),
+            "flow_sha256": sha256_file(flow_path)}
+
+
+def _finished_rows(results: Path, finished: Path, key: dict) -> pd.DataFrame | None:
+    """The fold's rows from an earlier run with the same ``key``; None when there is none to trust."""
+    try:
+        if json.loads(finished.read_text()) != key:
+            return None
+        rows = pd.read_csv(results)
+    except (OSError, ValueError):  # missing, unreadable or half-written: run the fold again
+        return None
+    same = (set(rows.get("params_hash", ())) == {key["params_hash"]}
+            and sorted(set(rows.get("method", ()))) == key["methods"] and set(rows.get("seriesuid", ())) == set(key["test"]))
+    return rows if same else None
+
+
 def segment_fold(root: Path, manifest: pd.DataFrame, annotations: pd.DataFrame, split, out: Path, predictor=None,
                  config=None, methods: Sequence[str] | None = None, progress: bool = True,
-                 refine: str = "none", map_scale: str = "absolute") -> pd.DataFrame | None:
+                 refine: str = "none", map_scale: str = "absolute", resume: bool = True) -> pd.DataFrame | None:
     """Guided segmentation of the held-out fold with the shipped assets; None when they are missing.
+
+    A fold that finished before in ``out`` with the same parameters, methods, predictor and flow (recorded in
+    ``fold<k>_finished.json`` once its rows and figures are written) is not run again: its rows are read back,
+    so a killed multi-fold run resumes at the first unfinished fold.
 
     Args:
         root: phantom tree.
@@ -88,6 +117,7 @@ def segment_fold(root: Path, manifest: pd.DataFrame, annotations: pd.DataFrame, 
         refine: post-processing of every method's mask (:data:`tfg_core.segment.REFINEMENTS`).
         map_scale: every method's map as it is or as a fraction of its scan's maximum
             (:data:`tfg_core.segment.MAP_SCALES`).
+        resume: reuse the fold's finished rows when everything that decides them is unchanged.
     """
     flow_path = ASSETS / "demo_flow.pt"
     if predictor is None or not flow_path.is_file():
@@ -100,9 +130,17 @@ def segment_fold(root: Path, manifest: pd.DataFrame, annotations: pd.DataFrame, 
     from tfg_core.guidance import GuidanceConfig
     from tfg_core.segment import on_scan
     from tfg_core.viz.comparison import method_comparison_figure
-    flow = load_demo_flow()
     config = config if config is not None else GuidanceConfig()
     methods = tuple(methods) if methods is not None else DEFAULT_METHODS
+    results = out / f"fold{split.fold}_results.csv"
+    finished = out / f"fold{split.fold}_finished.json"
+    key = _finished_key(split, shipped_predictor(split.fold), flow_path, config, methods, refine, map_scale)
+    if resume and (rows := _finished_rows(results, finished, key)) is not None:
+        print(f"fold {split.fold}: reusing {results}, finished earlier with the same parameters, methods, predictor "
+              f"and flow (--fresh runs it again)")
+        return rows
+    finished.unlink(missing_ok=True)  # from here on the rows on disk may change: they count as unfinished
+    flow = load_demo_flow()
     shown = []
 
     def keep(prepared, maps, masks):
@@ -116,12 +154,13 @@ def segment_fold(root: Path, manifest: pd.DataFrame, annotations: pd.DataFrame, 
     rows, thresholds = evaluate_fold(root, manifest, annotations, split, flow, predictor, config, methods=methods,
                                      backbone="tiny", experiment="demo", on_test_case=keep, progress=progress,
                                      refine=refine, map_scale=map_scale)
-    atomic_write_text(out / f"fold{split.fold}_results.csv", rows.to_csv(index=False))
+    atomic_write_text(results, rows.to_csv(index=False))
     if "tfg" in methods:
         atomic_write_with(out / f"fold{split.fold}_segmentation.png", lambda tmp: _segmentation_figure(shown, tmp))
     figure_rows = [(p.uid.rsplit(".", 1)[-1], p.grid.array, p.gt_grid, m) for p, _, m in shown[:6]]
     atomic_write_with(out / f"fold{split.fold}_methods.png",
                       lambda tmp: method_comparison_figure(figure_rows, [m for m in _FIGURE_ORDER if m in methods], tmp))
+    atomic_write_text(finished, json.dumps(key, indent=1))  # last: everything of the fold is on disk
     summary = summarise(rows)
     summary["threshold"] = summary.method.map(thresholds)
     summary["seconds_per_scan"] = summary.method.map(rows.groupby("method").seconds.mean())
@@ -134,7 +173,7 @@ def segment_fold(root: Path, manifest: pd.DataFrame, annotations: pd.DataFrame, 
 def run_demo(out: str | os.PathLike = "outputs/demo", fold: int = 0, cohort: str | os.PathLike | None = None,
              config=None, methods: Sequence[str] | None = None,
              progress: bool = True, refine: str = "none",
-             map_scale: str = "absolute") -> tuple[pd.DataFrame, pd.DataFrame | None]:
+             map_scale: str = "absolute", resume: bool = True) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     """Run the demo on one held-out phantom fold and write a table and figures.
 
     Returns the per-scan data table and the segmentation rows (None when no predictor is shipped for the fold).
@@ -149,6 +188,8 @@ def run_demo(out: str | os.PathLike = "outputs/demo", fold: int = 0, cohort: str
         refine: post-processing of every method's mask (:data:`tfg_core.segment.REFINEMENTS`).
         map_scale: every method's map as it is or as a fraction of its scan's maximum
             (:data:`tfg_core.segment.MAP_SCALES`).
+        resume: reuse the fold's segmentation rows when it finished before in ``out`` with the same
+            parameters, methods, predictor and flow (:func:`segment_fold`).
     """
     started = time.perf_counter()
     out = Path(out)
@@ -193,14 +234,14 @@ def run_demo(out: str | os.PathLike = "outputs/demo", fold: int = 0, cohort: str
           f"predictor: {ckpt.name if ckpt else 'none shipped yet'}; {time.perf_counter() - started:.1f} s")
     print(f"wrote {out / f'fold{fold}_cases.csv'} and {figure}")
     seg_rows = segment_fold(root, manifest, annotations, split, out, predictor=predictor, config=config,
-                            methods=methods, progress=progress, refine=refine, map_scale=map_scale)
+                            methods=methods, progress=progress, refine=refine, map_scale=map_scale, resume=resume)
     print(f"total {time.perf_counter() - started:.1f} s")
     return table, seg_rows
 
 
 def run_demo_folds(folds: list[int], out: str | os.PathLike = "outputs/demo", config=None,
                    methods: Sequence[str] | None = None, progress: bool = True,
-                   refine: str = "none", map_scale: str = "absolute") -> pd.DataFrame | None:
+                   refine: str = "none", map_scale: str = "absolute", resume: bool = True) -> pd.DataFrame | None:
     """:func:`run_demo` for several held-out folds, then one report over all their test scans.
 
     Writes ``all_folds_results.csv`` (the tidy rows of every fold run) and ``report/`` (the paper's Table 1
@@ -215,13 +256,15 @@ def run_demo_folds(folds: list[int], out: str | os.PathLike = "outputs/demo", co
         refine: post-processing of every method's mask (:data:`tfg_core.segment.REFINEMENTS`).
         map_scale: every method's map as it is or as a fraction of its scan's maximum
             (:data:`tfg_core.segment.MAP_SCALES`).
+        resume: folds that finished before in ``out`` with the same parameters, methods, predictor and flow are
+            read back instead of run again (a killed run resumes at its first unfinished fold).
     """
     from tfg_core.report import write_report
 
     rows = []
     for fold in folds:
         _, seg = run_demo(out, fold, config=config, methods=methods, progress=progress, refine=refine,
-                          map_scale=map_scale)
+                          map_scale=map_scale, resume=resume)
         if seg is not None:  # None: no predictor shipped for this fold
             rows.append(seg)
     if not rows:

@@ -169,6 +169,28 @@ def params_hash(params: Mapping) -> str:
     return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+def evaluation_params(config: GuidanceConfig | None = None, threshold_mode: str | Sequence[str] = "calibrated",
+                      min_component_voxels: int = 0, refine: str = "none", map_scale: str = "absolute",
+                      baseline_config: BaselineConfig | None = None) -> dict:
+    """Everything besides the networks and the data that decides :func:`evaluate_fold`'s rows; their
+    ``params_hash`` is :func:`params_hash` of this.
+
+    Args:
+        config: guidance parameters (None = the defaults).
+        threshold_mode: as in :func:`evaluate_fold`.
+        min_component_voxels: as in :func:`evaluate_fold`.
+        refine: as in :func:`evaluate_fold`.
+        map_scale: as in :func:`evaluate_fold`.
+        baseline_config: as in :func:`evaluate_fold`.
+    """
+    return {"guidance": asdict(config if config is not None else GuidanceConfig()),
+            "threshold_mode": threshold_mode if isinstance(threshold_mode, str) else list(threshold_mode),
+            "min_component_voxels": min_component_voxels,
+            **({"refine": refine} if refine != "none" else {}),  # absent = none: older rows keep their hash
+            **({"map_scale": map_scale} if map_scale != "absolute" else {}),
+            "baselines": asdict(baseline_config or BaselineConfig())}
+
+
 def evaluate_fold(
     root: str | os.PathLike,
     manifest: pd.DataFrame,
@@ -254,11 +276,8 @@ def evaluate_fold(
             thresholds[m] = calibrate_threshold(val_maps[m], gts, lung_masks=lungs,
                                                 min_component_voxels=min_component_voxels, refine=refine, images=images)
 
-    params = {"guidance": asdict(config), "threshold_mode": threshold_mode if isinstance(threshold_mode, str) else list(modes), "min_component_voxels": min_component_voxels,
-              **({"refine": refine} if refine != "none" else {}),  # absent = none: older rows keep their hash
-              **({"map_scale": map_scale} if map_scale != "absolute" else {}),
-              "baselines": asdict(baseline_config or BaselineConfig())}
-    phash = params_hash(params)
+    phash = params_hash(evaluation_params(config, threshold_mode, min_component_voxels, refine, map_scale,
+                                          baseline_config))
     rows = []
     for uid in tqdm(split.test, disable=not progress, desc=f"fold {split.fold} test"):
         prepared = load(uid)
