@@ -91,7 +91,8 @@ def _finished_rows(results: Path, finished: Path, key: dict) -> pd.DataFrame | N
     except (OSError, ValueError):  # missing, unreadable or half-written: run the fold again
         return None
     same = (set(rows.get("params_hash", ())) == {key["params_hash"]}
-            and sorted(set(rows.get("method", ()))) == key["methods"] and set(rows.get("seriesuid", ())) == set(key["test"]))
+            and sorted(set(rows.get("method", ()))) == key["methods"]
+            and set(rows.get("seriesuid", ())) == set(key["test"]))
     return rows if same else None
 
 

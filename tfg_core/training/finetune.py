@@ -116,8 +116,9 @@ def default_pretrained_path(backbone: str) -> str:
         if backbone == "resnet50":
             return str(resolve_weights(RADIMAGENET))
     except CheckpointError as err:
-        raise CheckpointError(f"{backbone}: fine-tuning starts from the published backbone, which is missing: {str(err).rstrip('.')}. "
-                              f"To train from a random backbone instead, pass pretrained_path={NO_PRETRAINING!r} "
+        missing = str(err).rstrip(".")
+        raise CheckpointError(f"{backbone}: fine-tuning starts from the published backbone, which is missing: "
+                              f"{missing}. To train from a random backbone instead, pass pretrained_path={NO_PRETRAINING!r} "
                               f"(`tfg finetune --pretrained {NO_PRETRAINING}`).") from None
     raise ValueError(f"unknown backbone {backbone!r}; expected tiny, tinyvit or resnet50")
 
