@@ -38,11 +38,11 @@ def test_every_fold_has_a_listed_predictor_with_its_retraining_command():
 def test_the_pretrained_tiny_predictor_is_listed_and_learned_the_task_on_an_external_cohort(cohort):
     from tfg_core.predictors.tiny import PRETRAINED_PATH
     from tfg_core.training.checkpoint import load_predictor
-    from tfg_core.training.finetune import TINY_DEFAULTS
+    from tfg_core.training.finetune import config_for
 
     entry = ENTRIES[PRETRAINED_PATH.name]
     assert entry["command"] == "python scripts/pretrain_tiny_predictor.py"
-    assert TINY_DEFAULTS["pretrained_path"] == str(PRETRAINED_PATH)
+    assert config_for("tiny").pretrained_path == str(PRETRAINED_PATH)
     for fold in range(10):  # every fold predictor was fine-tuned from this very file
         assert ENTRIES[f"tiny_predictor_fold{fold}.pt"]["pretrained_sha256"] == entry["sha256"]
     # pretrained on cohort seed 1 only, so every scan of the evaluation cohort (seed 0) is unseen: with its own head

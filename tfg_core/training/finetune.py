@@ -80,12 +80,11 @@ class FinetuneConfig:
             raise ValueError(f"operating_point must be 'val_f1' or 'prior', got {self.operating_point!r}")
 
 
-# Defaults for the CPU demo's tiny predictor where they differ from the paper's (FinetuneConfig): like the paper's
-# predictors it starts from a pretrained backbone (the shipped one, pretrained on an external phantom cohort by
-# scripts/pretrain_tiny_predictor.py), with fewer iterations, checked more often, so a fold trains in about two
-# minutes on two CPU cores.
-TINY_DEFAULTS: dict[str, Any] = {"iterations": 300, "batch_size": 32, "lr": 1e-3, "eval_every": 50,
-                                 "pretrained_path": str(TINY_PRETRAINED_PATH)}
+# Defaults for the CPU demo's tiny predictor where they differ from the paper's (FinetuneConfig): fewer iterations,
+# checked more often, so a fold trains in about two minutes on two CPU cores. Like the paper's predictors it starts
+# from a pretrained backbone (default_pretrained_path: the shipped one, pretrained on an external phantom cohort by
+# scripts/pretrain_tiny_predictor.py).
+TINY_DEFAULTS: dict[str, Any] = {"iterations": 300, "batch_size": 32, "lr": 1e-3, "eval_every": 50}
 
 
 # the value of ``pretrained_path`` that asks for a randomly initialised backbone (None means "the default")
