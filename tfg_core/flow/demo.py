@@ -2,8 +2,8 @@
 
 It mirrors MAISI-v2's structure at toy scale, so the guidance loop exercises the same path as on real CT:
 
-- ``AutoencoderKL`` (3D, 1 -> 8 latent channels, two downsamplings = MAISI's x4): a 32x64x64 (z, y, x) phantom
-  becomes an 8x8x16x16 latent (MAISI has 4 channels; see ``LATENT_CHANNELS`` for why the demo has 8). ``encode``
+- ``AutoencoderKL`` (3D, 1 -> 4 latent channels like MAISI, one downsampling = x2 where MAISI has x4; see
+  ``LATENT_FACTOR`` for why): a 32x64x64 (z, y, x) phantom becomes a 4x16x32x32 latent. ``encode``
   is the posterior mean times ``scale_factor`` (1 / std of the training latents, as in latent diffusion and MAISI);
   ``decode`` is differentiable.
 - ``DiffusionModelUNet`` (3D, 8 -> 8 channels) predicts the velocity ``v = x0 - eps`` on *whole-volume* latents, so
@@ -12,7 +12,7 @@ It mirrors MAISI-v2's structure at toy scale, so the guidance loop exercises the
 - Time follows MONAI's ``RFlowScheduler`` (``tfg_core.flow.schedule``). Training draws ``t`` uniformly in
   [0, 1000] without MONAI's resolution-dependent shift, so sampling uses the plain uniform grid
   (``rflow_timesteps(..., use_timestep_transform=False)``): the transform is calibrated for MAISI's 32^3-and-larger
-  latents and would only move steps for a 2048-voxel latent that the model never saw weighted that way.
+  latents and would only move steps for a 16k-voxel latent that the model never saw weighted that way.
 
 Networks see this project's layout ``(B, C, z, y, x)`` directly (they were trained on it; no MAISI reorientation),
 on images from ``tfg_core.data.preprocess.to_model_grid`` (LPS-oriented, HU [-1000, 1000] -> [0, 1]).
@@ -46,22 +46,24 @@ ASSET_NAME = "demo_flow"
 FORMAT = "tfg-demo-flow-v1"
 
 IMAGE_SHAPE = (32, 64, 64)  # (z, y, x): the phantom cohort's default grid
-# 8, not MAISI's 4: at the phantoms' 5.5 mm voxels a nodule is 1-3 voxels across, below the x4 latent grid, and
-# with 4 channels the autoencoder blurred nodules into ground glass (-30 HU -> -490 HU mean inside the mask) so the
-# slice classifier no longer found them on the decoded clean estimates the guidance differentiates through
-LATENT_CHANNELS = 8
+# What has to mirror MAISI is the nodule's size in latent voxels, not the factor: MAISI's x4 on 0.7-1.5 mm CT makes a
+# latent voxel 3-6 mm, at most about a nodule's size; x4 on the phantoms' 5.5 mm voxels made it 22 mm, larger than
+# most nodules. With that x4 latent (8 channels) even a perfect counterfactual (the scan against its nodule-free twin,
+# both through the autoencoder) reached only Dice 0.43 on the ten phantom folds; through this x2 one 0.62 (README).
+LATENT_FACTOR = 2
+LATENT_CHANNELS = 4
 
 # Small on purpose: trains in about half an hour on two shared CPU cores, file of a few MB.
 AUTOENCODER_KWARGS: dict[str, Any] = {
     "spatial_dims": 3,
     "in_channels": 1,
     "out_channels": 1,
-    "channels": (8, 16, 32),  # three levels = two downsamplings = x4, like MAISI
+    "channels": (8, 16),  # two levels = one downsampling = LATENT_FACTOR
     # no residual block at full resolution: CPU conv3d backward with few channels on 131k voxels is what made a
     # (16, 32, 32) x (1, 1, 1) autoencoder take ~30 s per batch of 4 here; this one takes ~1 s
-    "num_res_blocks": (0, 1, 1),
+    "num_res_blocks": (0, 1),
     "use_convtranspose": True,  # learned upsampling, also ~1.5x faster than nearest + conv on CPU
-    "attention_levels": (False, False, False),
+    "attention_levels": (False, False),
     "latent_channels": LATENT_CHANNELS,
     "norm_num_groups": 4,
     "with_encoder_nonlocal_attn": False,
@@ -71,9 +73,9 @@ UNET_KWARGS: dict[str, Any] = {
     "spatial_dims": 3,
     "in_channels": LATENT_CHANNELS,
     "out_channels": LATENT_CHANNELS,
-    "channels": (16, 32, 64),  # 8x16x16 -> 4x8x8 -> 2x4x4
+    "channels": (8, 16, 32, 64),  # 16x32x32 -> 8x16x16 -> 4x8x8 -> 2x4x4; narrow on top, where a CPU call costs most
     "num_res_blocks": 1,
-    "attention_levels": (False, False, True),  # global mixing at the lowest level only (32 tokens)
+    "attention_levels": (False, False, False, True),  # global mixing at the lowest level only (32 tokens)
     "num_head_channels": 32,
     "norm_num_groups": 8,
 }
@@ -127,17 +129,18 @@ class DemoFlow(FlowModel, nn.Module):
     _check = staticmethod(check_layout)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Image ``(B, 1, z, y, x)`` in [0, 1] -> ``z_mu * scale_factor``, ``(B, latent_channels, z/4, y/4, x/4)``.
+        """Image ``(B, 1, z, y, x)`` in [0, 1] -> ``z_mu * scale_factor``, ``(B, latent_channels, z/f, y/f, x/f)`` (f = ``vae_factor``).
 
         Args:
-            x: image batch; spatial sizes divisible by 4 (and by 16 for ``velocity`` on its latent).
+            x: image batch; spatial sizes divisible by ``vae_factor`` (and by ``vae_factor * unet_factor`` for
+                ``velocity`` on its latent).
         """
         self._check(x, 1, self.vae_factor, "image")
         z_mu, _ = self.autoencoder.encode(x)  # the mean, not a sample: inversion must be deterministic
         return z_mu * self.scale_factor
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Latent ``(B, C, z', y', x')`` -> image ``(B, 1, 4z', 4y', 4x')``. Differentiable.
+        """Latent ``(B, C, z', y', x')`` -> image ``(B, 1, f z', f y', f x')``. Differentiable.
 
         Args:
             z: latent batch.
@@ -156,7 +159,7 @@ class DemoFlow(FlowModel, nn.Module):
         """UNet velocity ``v = x0 - eps`` at latent ``z`` and time ``t`` in [0, 1000] (scalar or ``(B,)``).
 
         Args:
-            z: latent batch, spatial sizes divisible by 4.
+            z: latent batch, spatial sizes divisible by ``unet_factor``.
             t: time.
         """
         self._check(z, self.latent_channels, self.unet_factor, "latent")
@@ -177,7 +180,7 @@ class DemoFlow(FlowModel, nn.Module):
                                use_timestep_transform=False)
 
     def latent_shape(self, image_shape: Sequence[int]) -> tuple[int, ...]:
-        """``(z, y, x)`` -> ``(C, z/4, y/4, x/4)``; ``(B, 1, z, y, x)`` -> ``(B, C, z/4, y/4, x/4)``.
+        """``(z, y, x)`` -> ``(C, z/f, y/f, x/f)``; ``(B, 1, z, y, x)`` -> ``(B, C, z/f, y/f, x/f)``.
 
         Args:
             image_shape: the image's shape.

@@ -67,7 +67,7 @@ class DemoTrainConfig:
 
     seed: int = 1
     n_cases: int = 500
-    ae_steps: int = 800
+    ae_steps: int = 500
     ae_batch: int = 4
     ae_lr: float = 2e-3
     ae_detail_weight: float = 10.0
