@@ -6,7 +6,7 @@ It mirrors MAISI-v2's structure at toy scale, so the guidance loop exercises the
   ``LATENT_FACTOR`` for why): a 32x64x64 (z, y, x) phantom becomes a 4x16x32x32 latent. ``encode``
   is the posterior mean times ``scale_factor`` (1 / std of the training latents, as in latent diffusion and MAISI);
   ``decode`` is differentiable.
-- ``DiffusionModelUNet`` (3D, 8 -> 8 channels) predicts the velocity ``v = x0 - eps`` on *whole-volume* latents, so
+- ``DiffusionModelUNet`` (3D, 4 -> 4 channels) predicts the velocity ``v = x0 - eps`` on *whole-volume* latents, so
   every voxel of the velocity sees the whole chest (global context is what makes it a generative prior rather than
   a near-identity map; see ``tfg_core.flow.train_demo``).
 - Time follows MONAI's ``RFlowScheduler`` (``tfg_core.flow.schedule``). Training draws ``t`` uniformly in
@@ -129,7 +129,7 @@ class DemoFlow(FlowModel, nn.Module):
     _check = staticmethod(check_layout)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Image ``(B, 1, z, y, x)`` in [0, 1] -> ``z_mu * scale_factor``, ``(B, latent_channels, z/f, y/f, x/f)`` (f = ``vae_factor``).
+        """Image ``(B, 1, z, y, x)`` in [0, 1] -> ``z_mu * scale_factor``, ``(B, C, z/f, y/f, x/f)``, f = ``vae_factor``.
 
         Args:
             x: image batch; spatial sizes divisible by ``vae_factor`` (and by ``vae_factor * unet_factor`` for
