@@ -50,7 +50,7 @@ IMAGE_SHAPE = (32, 64, 64)  # (z, y, x): the phantom cohort's default grid
 # latent voxel 3-6 mm, at most about a nodule's size; x4 on the phantoms' 5.5 mm voxels made it 22 mm, larger than
 # most nodules. With that x4 latent (8 channels) even a perfect counterfactual (the scan against its nodule-free twin,
 # both through the autoencoder) reached only Dice 0.43 on the ten phantom folds; through this x2 one 0.62 (README).
-LATENT_FACTOR = 2
+# The factor follows from the autoencoder's levels (LATENT_FACTOR below).
 LATENT_CHANNELS = 4
 
 # Small on purpose: trains in about half an hour on two shared CPU cores, file of a few MB.
@@ -58,7 +58,7 @@ AUTOENCODER_KWARGS: dict[str, Any] = {
     "spatial_dims": 3,
     "in_channels": 1,
     "out_channels": 1,
-    "channels": (8, 16),  # two levels = one downsampling = LATENT_FACTOR
+    "channels": (8, 16),  # two levels = one downsampling = x2
     # no residual block at full resolution: CPU conv3d backward with few channels on 131k voxels is what made a
     # (16, 32, 32) x (1, 1, 1) autoencoder take ~30 s per batch of 4 here; this one takes ~1 s
     "num_res_blocks": (0, 1),
@@ -69,6 +69,7 @@ AUTOENCODER_KWARGS: dict[str, Any] = {
     "with_encoder_nonlocal_attn": False,
     "with_decoder_nonlocal_attn": False,
 }
+LATENT_FACTOR = 2 ** (len(AUTOENCODER_KWARGS["channels"]) - 1)  # one source of truth: the encoder's levels
 UNET_KWARGS: dict[str, Any] = {
     "spatial_dims": 3,
     "in_channels": LATENT_CHANNELS,
