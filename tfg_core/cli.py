@@ -162,10 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="back-propagation through the decoder (the demo flow's auto = full; see README, Performance)")
     p.add_argument("--difference", choices=DIFFERENCES, default=DIFFERENCES[0],
                    help="segmentation map: the paper's |guided - reference| (default) or the density the guidance "
-                        "removed (README, Status)")
+                        "removed (docs/measurement_log.md)")
     p.add_argument("--density-change", choices=DENSITY_CHANGES, default=DENSITY_CHANGES[0],
                    help="guidance direction: only darkening, the gradient's non-negative part (default, measured: "
-                        "README, Status), or any (the paper's)")
+                        "docs/measurement_log.md), or any (the paper's)")
     _add_gradient_weight(p)
     p.add_argument("--strength", type=float, default=1.0, help="guidance step size")
     p.add_argument("--refine", choices=REFINEMENTS, default=REFINEMENTS[0],

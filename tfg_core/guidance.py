@@ -61,9 +61,9 @@ class GuidanceConfig:
         positives: which slices the loss covers: ``"fixed"`` = predicted positive on the input,
             ``"recomputed"`` = predicted positive on the current clean estimate at every update.
         loss: ``"logit"`` (the raw logit, which does not saturate) or ``"bce"`` (BCE towards 0, the paper's).
-            The default is measured on the demo (shipped flow and predictors): on a 25.7 mm nodule the BCE fell
+            The default is measured on the demo (an earlier demo flow and predictors): on a 25.7 mm nodule the BCE fell
             from 2.4 to 0.05 after one strength-4 step, so later guided steps did almost nothing, and over phantom
-            folds 0-3 the logit loss gave the higher mean Dice (README, Status; repeat it with
+            folds 0-3 the logit loss gave the higher mean Dice (docs/measurement_log.md; repeat it with
             ``tfg demo --fold 0 1 2 3 --loss bce``).
         reduction: ``"mean"`` or ``"sum"`` of the per-slice losses.
         positive_threshold: a slice is positive when ``sigmoid(logit) >= positive_threshold``.
@@ -84,15 +84,17 @@ class GuidanceConfig:
         difference: the segmentation map built from the two reconstructions (``segment.difference_map``):
             ``"absolute"`` = ``|counterfactual - reference|`` (the paper's, the default) or ``"removed"`` =
             ``max(reference - counterfactual, 0)``, the density the guidance took away. Measured on the ten phantom
-            folds with ``density_change="any"`` (README, Status): ``"removed"`` gave mean Dice 0.217 against 0.209
-            but 14 empty masks against 11 and a larger median MSD, so it is an option, not the default.
+            folds with ``density_change="any"`` and the earlier ×4 demo flow (docs/measurement_log.md): ``"removed"``
+            gave mean Dice 0.217 against 0.209 but 14 empty masks against 11 and a larger median MSD, so it is an
+            option, not the default.
         density_change: which part of the classifier's image gradient drives the update. ``"any"``: all of it (the
             paper). ``"decrease"``: only its non-negative part, the voxels whose *darkening* lowers the loss; a nodule
             is removed by making it as dark as the lung around it, and this shuts the adversarial route of fooling
             the classifier by adding density elsewhere (the decoder's Jacobian still spreads the update, so single
             voxels may brighten). Applies to the no-prior ablation alike. The default is measured on the ten phantom
-            folds (README, Status): ``"decrease"`` gave mean Dice 0.269 against 0.209 (map maximum on the nodule in
-            58 % of the scans against 50 %), but not on every scan (better on 14, worse on 16, Wilcoxon p = 0.32).
+            folds with the earlier ×4 demo flow (docs/measurement_log.md): ``"decrease"`` gave mean Dice 0.269 against
+            0.209 (map maximum on the nodule in 58 % of the scans against 50 %), but not on every scan (better on 14,
+            worse on 16, Wilcoxon p = 0.32).
         gradient_weight: where the classifier's image gradient may act. ``"none"``: everywhere (the paper).
             ``"cam"``: multiplied voxel by voxel by the classifier's own class activation map of the *input*
             (``evidence_map``: every slice's CAM, negative evidence cut at 0, divided by the volume's maximum,

@@ -147,7 +147,7 @@ def refine_by_density(
         fraction: where between lung level and peak the outline is drawn (0.5 = half maximum).
         margin_voxels: how far (steps in the ``connectivity`` neighbourhood) a component may grow. The demo's
             maps are blurred wider than the nodules, so one step is enough there (phantom folds 0–9: mean Dice
-            over all methods higher with 1 than with 3; README, Status).
+            over all methods higher with 1 than with 3; docs/measurement_log.md).
         min_contrast: components whose peak is less than this above the lung level are dropped
             (0.05 = 100 HU in [0, 1] units).
         connectivity: 1 = faces, 2 = + edges, 3 = + corners.
