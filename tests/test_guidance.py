@@ -24,6 +24,7 @@ from tfg_core.flow.maisi import (
     replace_maisi_group_norm,
 )
 from tfg_core.flow.noprior import NoPriorFlow
+from tfg_core.flow.schedule import sample
 from tfg_core.flow.toy import GaussianToyFlow
 from tfg_core.guidance import GuidanceConfig, evidence_map, guide, positive_slices, run_guidance
 from tfg_core.predictors import build_predictor
@@ -49,10 +50,12 @@ class SpyFlow(GaussianToyFlow):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.velocity_calls: list[tuple[bool, bool]] = []
+        self.velocity_batches: list[int] = []
         self.decodes = 0
 
     def velocity(self, z, t):
         self.velocity_calls.append((torch.is_grad_enabled(), z.requires_grad))
+        self.velocity_batches.append(z.shape[0])
         return super().velocity(z, t)
 
     def decode(self, z):
@@ -162,6 +165,36 @@ def test_unguided_reconstruction(detector, image):
     assert error < 0.1 and (close.x_counterfactual - image).abs().max() > 0.3  # guidance changed far more
     finer = run_guidance(toy_flow(), detector, image, GuidanceConfig(num_steps=20, start_index=8, guided_steps=0))
     assert (finer.x_reference - image).abs().max() < 0.6 * error  # first order: twice the steps, about half
+
+
+@pytest.mark.parametrize("skipping", [True, False])
+def test_the_reference_is_sampled_beside_the_guided_run(detector, image, skipping):
+    """One velocity call per sampling step serves both runs (batch of two), and the reference it yields is plain
+    unguided sampling from the same inverted latent."""
+    flow = toy_flow()
+    config = GuidanceConfig(num_steps=10, start_index=4, guided_steps=3, gradient_skipping=skipping)
+    trajectory = list(guide(flow, detector, image, config, reference=True))
+    sampling = [s for s in trajectory if s.phase in ("guided", "free")]
+    # inversion: 6 single calls; sampling: one pair per step, except that full backprop computes each guided
+    # velocity with a graph, so the reference's is then a call of its own
+    expected = [1] * 6 + ([2] * 6 if skipping else [1, 1] * 3 + [2] * 3)
+    assert flow.velocity_batches == expected
+    z_start = [s for s in trajectory if s.phase == "invert"][-1].z
+    plain = GaussianToyFlow(healthy_image(), sigma=1.0, scale_factor=1.5)
+    grid = plain.timesteps(10)
+    for state, (t, z_ref) in zip(sampling, sample(plain.velocity, z_start, grid, 4), strict=True):
+        assert state.t == pytest.approx(float(t)) and torch.allclose(state.z_reference, z_ref, atol=1e-6)
+        assert state.velocity_reference.shape == state.z_reference.shape == state.z.shape
+    final = trajectory[-1]
+    assert torch.allclose(final.x_reference, plain.decode(z_ref)[0, 0], atol=1e-6)
+    assert not torch.allclose(final.x_hat, final.x_reference, atol=1e-3)  # the guided run did move away
+    # run_guidance's map is built from exactly these two reconstructions
+    result = run_guidance(toy_flow(), detector, image, config)
+    assert torch.equal(result.x_reference, final.x_reference) and torch.equal(result.x_counterfactual, final.x_hat)
+    # without a reference nothing is batched and no state carries one
+    flow = toy_flow()
+    assert all(s.z_reference is None and s.x_reference is None for s in guide(flow, detector, image, config))
+    assert set(flow.velocity_batches) == {1}
 
 
 def test_strength_zero_is_the_reference_exactly(detector, image):

@@ -16,8 +16,10 @@ The decoder is back-propagated either through a whole-volume decode (``decoder="
 estimate is decoded once without a graph and only the axial runs the loss reads are decoded again with one
 (``decoder="slab"``, ``tfg_core.flow.slab``), which is what makes MAISI-v2 at full size fit in memory.
 
-``guide`` yields a ``GuidanceStep`` per step (for notebooks and tests); ``run_guidance`` runs it to the end and adds
-the unguided reference, which starts from the same inverted latent and reuses the guided run's first velocity.
+``guide`` yields a ``GuidanceStep`` per step (for notebooks and tests); ``run_guidance`` runs it to the end with the
+unguided reference, which starts from the same inverted latent and is sampled beside the guided run: both latents go
+through the velocity network in one batch of two per step (one call instead of two; on a CPU, batch 1 of the demo's
+small latent even takes PyTorch's slow conv3d kernel, so the pair costs less than one alone there).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from tqdm.auto import tqdm
 
 from tfg_core.data.slices import make_stacks, resize_maps
 from tfg_core.flow.base import FlowModel
-from tfg_core.flow.schedule import clean_estimate, euler_step, invert, run_to_end, sample, sampling_steps
+from tfg_core.flow.schedule import clean_estimate, euler_step, invert, sampling_steps
 from tfg_core.flow.slab import decode_with_statistics
 from tfg_core.predictors.heads import Predictor
 from tfg_core.segment import DIFFERENCES, difference_map
@@ -171,6 +173,10 @@ class GuidanceStep:
         positives: slices the loss covered (first inner iteration); on encode, the input's positive slices.
         probabilities: classifier probability of each of those slices on ``x_hat`` (on the input for encode).
         velocity: the velocity the step's Euler update used (guided and free steps; detached, on the CPU).
+        z_reference: with ``guide(..., reference=True)``: the unguided reference's latent after the step (guided and
+            free steps; detached, on the CPU).
+        velocity_reference: the velocity of the reference's step.
+        x_reference: on ``"final"`` with ``reference=True``: the decoded unguided reconstruction.
     """
 
     phase: str
@@ -184,6 +190,9 @@ class GuidanceStep:
     positives: tuple[int, ...] = ()
     probabilities: tuple[float, ...] = ()
     velocity: torch.Tensor | None = None
+    z_reference: torch.Tensor | None = None
+    velocity_reference: torch.Tensor | None = None
+    x_reference: torch.Tensor | None = None
 
     @property
     def loss(self) -> float | None:
@@ -419,6 +428,7 @@ def guide(
     x: torch.Tensor,
     config: GuidanceConfig | None = None,
     progress: bool = False,
+    reference: bool = False,
 ) -> Iterator[GuidanceStep]:
     """Run the guidance loop step by step; the last state (phase ``"final"``) holds the counterfactual.
 
@@ -428,6 +438,10 @@ def guide(
         x: image ``(z, y, x)`` or ``(1, 1, z, y, x)`` in [0, 1] on the flow's grid.
         config: loop parameters (``GuidanceConfig()`` when None).
         progress: show tqdm bars.
+        reference: also sample the unguided reference from the same inverted latent, step by step beside the guided
+            run (its velocity in the same network call, a batch of two, except where full backprop needs the guided
+            velocity with a graph); every sampling state then carries ``z_reference`` and ``velocity_reference``, and
+            the final one ``x_reference``.
 
     Yields:
         ``GuidanceStep`` for encode, every inversion step, every guided and free step, and the final decode.
@@ -452,9 +466,15 @@ def guide(
         t_prev = float(t)
 
     steps = sampling_steps(grid, cfg.start_index)
+    z_ref = z if reference else None
     for i, (t_from, t_to) in enumerate(tqdm(steps, desc="guide", disable=not progress), start=cfg.start_index):
         guided = i - cfg.start_index < cfg.guided_steps
-        v, x_hat, losses, norms, slices, probs = None, None, [], [], (), ()
+        v, v_ref, x_hat, losses, norms, slices, probs = None, None, None, [], [], (), ()
+        if z_ref is not None:
+            if guided and not cfg.gradient_skipping:  # the guided velocity needs a graph: guided_update computes it
+                v_ref = velocity(z_ref, t_from)
+            else:  # both velocities in one call; the guided one is the step's, taken before any update
+                v, v_ref = velocity(torch.cat([z, z_ref]), t_from).split(1)
         if guided and (cfg.positives == "recomputed" or input_pos):
             for it in range(cfg.inner_iterations):
                 # with gradient skipping the step's velocity is computed once; otherwise at every update
@@ -474,13 +494,21 @@ def guide(
             with torch.no_grad():
                 x_hat = flow.decode(clean_estimate(z, v, t_from))[0, 0].cpu()
         z = euler_step(z, v, t_from, t_to)  # the same v as the guidance used (Algorithm 1)
+        if z_ref is not None:
+            z_ref = euler_step(z_ref, v_ref, t_from, t_to)
         phase = "guided" if guided else "free"
         yield GuidanceStep(phase, i, float(t_from), float(t_to), z.detach().cpu(), x_hat, tuple(losses), tuple(norms),
-                           slices, probs, v.detach().cpu())
+                           slices, probs, v.detach().cpu(), _cpu(z_ref), _cpu(v_ref))
 
-    with torch.no_grad():
+    with torch.no_grad():  # one decode at a time: at full size a decode is the largest no-grad allocation
         x_cf = flow.decode(z)[0, 0]
-    yield GuidanceStep("final", None, 0.0, 0.0, z.detach().cpu(), x_cf.cpu())
+        x_ref = flow.decode(z_ref)[0, 0].cpu() if z_ref is not None else None
+    yield GuidanceStep("final", None, 0.0, 0.0, z.detach().cpu(), x_cf.cpu(), z_reference=_cpu(z_ref),
+                       x_reference=x_ref)
+
+
+def _cpu(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    return None if tensor is None else tensor.detach().cpu()
 
 
 def run_guidance(
@@ -494,7 +522,8 @@ def run_guidance(
     """Run ``guide`` to the end and build the difference map.
 
     The reference (``compare_to="reference"``) runs the same sampling steps without guidance from the same inverted
-    latent, so the map shows what guidance changed rather than what the autoencoder and the flow fail to reproduce.
+    latent (``guide(..., reference=True)``), so the map shows what guidance changed rather than what the autoencoder
+    and the flow fail to reproduce.
 
     Args:
         flow: the rectified-flow model.
@@ -507,30 +536,12 @@ def run_guidance(
     if compare_to not in ("reference", "input"):
         raise ValueError(f"compare_to must be 'reference' or 'input', got {compare_to!r}")
     cfg = config if config is not None else GuidanceConfig()
-    trajectory, z_start, v_start, states = [], None, None, {}
-    for state in guide(flow, predictor, x, cfg, progress):
+    trajectory, states = [], {}
+    for state in guide(flow, predictor, x, cfg, progress, reference=compare_to == "reference"):
         trajectory.append(state.summary())
-        if state.phase in ("encode", "invert"):
-            z_start = state.z  # the latent the sampling starts from, shared with the reference
-        elif v_start is None and state.velocity is not None and (cfg.gradient_skipping or cfg.inner_iterations == 1):
-            # taken at z_start before any update (unless full backprop recomputed it after one): the reference's
-            # first velocity too
-            v_start = state.velocity
         states[state.phase] = state
     x_input = (x[0, 0] if x.ndim == 5 else x).detach().cpu()
-    x_cf = states["final"].x_hat
-    x_ref = None
-    if compare_to == "reference":
-        z_start = z_start.to(x.device)
-        grid = flow.timesteps(cfg.num_steps, latent_shape=tuple(z_start.shape))
-        with torch.no_grad():
-            z_ref, start = z_start, cfg.start_index
-            if v_start is not None:  # one network evaluation fewer: the guided run's first velocity
-                t_from, t_to = sampling_steps(grid, start)[0]
-                z_ref, start = euler_step(z_start, v_start.to(z_start.device), t_from, t_to), start + 1
-            steps = sample(partial(_frozen_velocity, flow), z_ref, grid, start, progress)
-            z_ref = run_to_end(steps, z_ref)
-            x_ref = flow.decode(z_ref)[0, 0].cpu()
+    x_cf, x_ref = states["final"].x_hat, states["final"].x_reference
     difference = torch.from_numpy(difference_map(x_cf, x_ref if x_ref is not None else x_input, cfg.difference))
     enc = states["encode"]
     return GuidanceResult(x_input, x_cf, x_ref, difference, compare_to, enc.positives, enc.probabilities, trajectory)

@@ -11,7 +11,6 @@ canvas under ``%matplotlib widget``, a PNG image widget under any other backend)
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ import numpy as np
 import torch
 
 from tfg_core.flow.base import FlowModel
-from tfg_core.flow.schedule import clean_estimate, run_to_end, sample
+from tfg_core.flow.schedule import clean_estimate
 from tfg_core.guidance import GuidanceConfig, guide, slice_logits
 from tfg_core.predictors.heads import Predictor
 from tfg_core.segment import difference_map
@@ -160,27 +159,9 @@ def _slice_probabilities(predictor: Predictor, images: Sequence[np.ndarray], dev
     return np.stack(out).astype(np.float32) if out else np.zeros((0, 0), np.float32)
 
 
-def _unguided_estimates(flow: FlowModel, z: torch.Tensor, cfg: GuidanceConfig, steps: set[int]):
-    """The unguided sampling run from the inverted latent ``z``: clean estimates at ``steps`` and the decode.
-
-    The same :func:`tfg_core.flow.schedule.sample` loop as :func:`tfg_core.guidance.run_guidance`'s reference; the
-    velocity function also decodes the clean estimate at the requested steps.
-    """
-    grid = flow.timesteps(cfg.num_steps, latent_shape=tuple(z.shape))
-    hats: dict[int, np.ndarray] = {}
-    step_index = itertools.count(cfg.start_index)
-
-    def velocity(z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        v = flow.velocity(z_t, t)
-        i = next(step_index)
-        if i in steps:
-            hats[i] = flow.decode(clean_estimate(z_t, v, t))[0, 0].float().cpu().numpy()
-        return v
-
+def _decoded_estimate(flow: FlowModel, z: torch.Tensor, v: torch.Tensor, t: float) -> np.ndarray:
     with torch.no_grad():
-        final = flow.decode(run_to_end(sample(velocity, z, grid, cfg.start_index), z))[0, 0].float().cpu().numpy()
-    hats[cfg.num_steps] = final
-    return hats, final
+        return flow.decode(clean_estimate(z, v, t))[0, 0].float().cpu().numpy()
 
 
 def record_trajectory(
@@ -213,21 +194,26 @@ def record_trajectory(
     if keep not in ("all", "guided"):
         raise ValueError(f"keep must be 'all' or 'guided', got {keep!r}")
     cfg = dataclasses.replace(config if config is not None else GuidanceConfig(), decode_free_steps=keep == "all")
-    summaries, z_start, recorded = [], None, []
-    for state in guide(flow, predictor, x, cfg, progress):
+    with_reference = compare_to == "reference"
+    summaries, recorded, ref_recorded, z_ref = [], [], [], None
+    for state in guide(flow, predictor, x, cfg, progress, reference=with_reference):
         summaries.append(state.summary())
         if state.phase in ("encode", "invert"):
-            z_start = state.z  # the latent sampling starts from, shared with the unguided run
+            z_ref = state.z  # the latent sampling starts from, shared with the unguided run
         if state.x_hat is not None:
             final = state.phase == "final"
             recorded.append((cfg.num_steps if final else state.step, state.phase, 0.0 if final else state.t_prev,
                              state.x_hat.float().numpy()))
+            if with_reference:  # the reference's clean estimate at the same step, from guide's own reference run
+                ref_recorded.append(state.x_reference.float().numpy() if final else _decoded_estimate(
+                    flow, z_ref.to(x.device), state.velocity_reference.to(x.device), state.t_prev))
+        if state.z_reference is not None:
+            z_ref = state.z_reference
     steps, phases, times, hats = zip(*recorded)
     x_input = (x[0, 0] if x.ndim == 5 else x).detach().float().cpu().numpy()
     ref_hats = x_ref = ref_probs = None
-    if compare_to == "reference":
-        by_step, x_ref = _unguided_estimates(flow, z_start.to(x.device), cfg, set(steps))
-        ref_hats = np.stack([by_step[s] for s in steps])
+    if with_reference:
+        ref_hats, x_ref = np.stack(ref_recorded), ref_recorded[-1]
         ref_probs = _slice_probabilities(predictor, ref_hats, x.device, cfg.slice_batch)
     return Trajectory(
         x_input=x_input, x_counterfactual=hats[-1], x_reference=x_ref, steps=tuple(steps), phases=tuple(phases),
