@@ -217,8 +217,8 @@ def wall_ratios(kind: str, device: str) -> list[dict]:
         b["segmentation_floor_ratio"] = ((n - pairs) * b["velocity_s"] + pairs * b["velocity_pair_s"]
                                          + 2 * b["decode_s"] + g * b["update_s"]) / unguided_s
         rows.append(b)
-        print(f"{kind:5s} {'':>8s} {decoder:5s} one velocity {b['velocity_s']:.3f} s (a pair {b['velocity_pair_s']:.3f} "
-              f"s), one decode {b['decode_s']:.3f} s, one guided update ({b['positives']} positive slices) "
+        print(f"{kind:5s} {'':>8s} {decoder:5s} one velocity {b['velocity_s']:.3f} s "
+              f"(a pair {b['velocity_pair_s']:.3f} s), one decode {b['decode_s']:.3f} s, one guided update ({b['positives']} positive slices) "
               f"{b['update_s']:.3f} s -> floors: guided run x{b['floor_ratio']:.2f}, segmentation "
               f"x{b['segmentation_floor_ratio']:.2f}", flush=True)
     return rows
