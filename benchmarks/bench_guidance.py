@@ -122,8 +122,8 @@ def _wall(kind: str, mode: str, decoder: str, device: str, queue) -> None:
 
 
 def _breakdown(kind: str, decoder: str, device: str, queue) -> None:
-    """Seconds of the evaluations a run is made of: one velocity call (one latent, a pair), one decode (no graph),
-    one guided update."""
+    """Seconds of the evaluations a run is made of: one encode, one velocity call (one latent, a pair), one decode
+    (no graph), one guided update."""
     from tfg_core.flow.schedule import clean_estimate
     from tfg_core.guidance import guided_update, positive_slices
 
@@ -144,14 +144,15 @@ def _breakdown(kind: str, decoder: str, device: str, queue) -> None:
         return sorted(times)[1]
 
     with torch.no_grad():
+        encode = timed(lambda: flow.encode(x[None, None]))
         v = flow.velocity(z, t)
         velocity = timed(lambda: flow.velocity(z, t))
         pair = torch.cat([z, z])
         velocity_pair = timed(lambda: flow.velocity(pair, t))
         decode = timed(lambda: flow.decode(clean_estimate(z, v, t)))
     update = timed(lambda: guided_update(flow, predictor, z, t, v, positives, config))
-    queue.put({"kind": kind, "decoder": decoder, "velocity_s": velocity, "velocity_pair_s": velocity_pair,
-               "decode_s": decode, "update_s": update, "positives": len(positives)})
+    queue.put({"kind": kind, "decoder": decoder, "encode_s": encode, "velocity_s": velocity,
+               "velocity_pair_s": velocity_pair, "decode_s": decode, "update_s": update, "positives": len(positives)})
 
 
 def _step(mode: str, shape: tuple[int, int, int], device: str, slab_slices: int | None, queue) -> None:
@@ -210,17 +211,17 @@ def wall_ratios(kind: str, device: str) -> list[dict]:
         segmentation = by_mode["segmentation"]
         n, g = unguided["velocity_calls"], int(unguided["steps"].split("/")[2])
         pairs = segmentation["velocity_latents"] - segmentation["velocity_calls"]  # calls that evaluated two latents
-        unguided_s = n * b["velocity_s"] + b["decode_s"]
+        unguided_s = b["encode_s"] + n * b["velocity_s"] + b["decode_s"]
         # what the guided run must evaluate on top of the unguided one: one guided update per guided step; the
         # segmentation: its sampling calls on pairs and the reference's decode as well
         b["floor_ratio"] = (unguided_s + g * b["update_s"]) / unguided_s
-        b["segmentation_floor_ratio"] = ((n - pairs) * b["velocity_s"] + pairs * b["velocity_pair_s"]
+        b["segmentation_floor_ratio"] = (b["encode_s"] + (n - pairs) * b["velocity_s"] + pairs * b["velocity_pair_s"]
                                          + 2 * b["decode_s"] + g * b["update_s"]) / unguided_s
         rows.append(b)
-        print(f"{kind:5s} {'':>8s} {decoder:5s} one velocity {b['velocity_s']:.3f} s "
-              f"(a pair {b['velocity_pair_s']:.3f} s), one decode {b['decode_s']:.3f} s, one guided update ({b['positives']} positive slices) "
-              f"{b['update_s']:.3f} s -> floors: guided run x{b['floor_ratio']:.2f}, segmentation "
-              f"x{b['segmentation_floor_ratio']:.2f}", flush=True)
+        print(f"{kind:5s} {'':>8s} {decoder:5s} one encode {b['encode_s']:.3f} s, one velocity {b['velocity_s']:.3f} s "
+              f"(a pair {b['velocity_pair_s']:.3f} s), one decode {b['decode_s']:.3f} s, one guided update "
+              f"({b['positives']} positive slices) {b['update_s']:.3f} s -> floors: guided run "
+              f"x{b['floor_ratio']:.2f}, segmentation x{b['segmentation_floor_ratio']:.2f}", flush=True)
     return rows
 
 
