@@ -191,6 +191,10 @@ def test_the_reference_is_sampled_beside_the_guided_run(detector, image, skippin
     # run_guidance's map is built from exactly these two reconstructions
     result = run_guidance(toy_flow(), detector, image, config)
     assert torch.equal(result.x_reference, final.x_reference) and torch.equal(result.x_counterfactual, final.x_hat)
+    # with nothing to guide (a healthy image) even full backprop needs no graph: pairs throughout
+    flow = toy_flow()
+    list(guide(flow, detector, healthy_image(), config, reference=True))
+    assert flow.velocity_batches == [1] * 6 + [2] * 6
     # without a reference nothing is batched and no state carries one
     flow = toy_flow()
     assert all(s.z_reference is None and s.x_reference is None for s in guide(flow, detector, image, config))

@@ -469,13 +469,14 @@ def guide(
     z_ref = z if reference else None
     for i, (t_from, t_to) in enumerate(tqdm(steps, desc="guide", disable=not progress), start=cfg.start_index):
         guided = i - cfg.start_index < cfg.guided_steps
+        updates = guided and (cfg.positives == "recomputed" or bool(input_pos))
         v, v_ref, x_hat, losses, norms, slices, probs = None, None, None, [], [], (), ()
         if z_ref is not None:
-            if guided and not cfg.gradient_skipping:  # the guided velocity needs a graph: guided_update computes it
+            if updates and not cfg.gradient_skipping:  # the guided velocity needs a graph: guided_update computes it
                 v_ref = velocity(z_ref, t_from)
             else:  # both velocities in one call; the guided one is the step's, taken before any update
                 v, v_ref = velocity(torch.cat([z, z_ref]), t_from).split(1)
-        if guided and (cfg.positives == "recomputed" or input_pos):
+        if updates:
             for it in range(cfg.inner_iterations):
                 # with gradient skipping the step's velocity is computed once; otherwise at every update
                 u = guided_update(flow, predictor, z, t_from, v if cfg.gradient_skipping else None, input_pos, cfg,
