@@ -194,6 +194,27 @@ def run(target, *args) -> dict:
     return result
 
 
+def floors(unguided: dict, segmentation: dict, breakdown: dict) -> tuple[float, float]:
+    """Wall-time ratios the counted evaluations alone would give: (guided run, segmentation) ÷ unguided.
+
+    The guided run adds one guided update per guided step; the segmentation also runs its sampling calls on pairs
+    (guided run and reference) and decodes the reference.
+
+    Args:
+        unguided: ``_wall`` row of the unguided run.
+        segmentation: ``_wall`` row of the segmentation.
+        breakdown: ``_breakdown`` row (seconds of each evaluation).
+    """
+    b = breakdown
+    n, g = unguided["velocity_calls"], int(unguided["steps"].split("/")[2])
+    pairs = segmentation["velocity_latents"] - segmentation["velocity_calls"]  # calls that evaluated two latents
+    unguided_s = b["encode_s"] + n * b["velocity_s"] + b["decode_s"]
+    guided = (unguided_s + g * b["update_s"]) / unguided_s
+    seg = (b["encode_s"] + (segmentation["velocity_calls"] - pairs) * b["velocity_s"] + pairs * b["velocity_pair_s"]
+           + 2 * b["decode_s"] + g * b["update_s"]) / unguided_s
+    return guided, seg
+
+
 def wall_ratios(kind: str, device: str) -> list[dict]:
     rows = []
     for decoder in ("full", "slab"):
@@ -208,15 +229,7 @@ def wall_ratios(kind: str, device: str) -> list[dict]:
                   f"(velocity calls x{r['call_ratio']:.2f}, latents x{r['latent_ratio']:.2f})  "
                   f"peak {r['peak_mib']:7.0f} MiB", flush=True)
         b = run(_breakdown, kind, decoder, device)
-        segmentation = by_mode["segmentation"]
-        n, g = unguided["velocity_calls"], int(unguided["steps"].split("/")[2])
-        pairs = segmentation["velocity_latents"] - segmentation["velocity_calls"]  # calls that evaluated two latents
-        unguided_s = b["encode_s"] + n * b["velocity_s"] + b["decode_s"]
-        # what the guided run must evaluate on top of the unguided one: one guided update per guided step; the
-        # segmentation: its sampling calls on pairs and the reference's decode as well
-        b["floor_ratio"] = (unguided_s + g * b["update_s"]) / unguided_s
-        b["segmentation_floor_ratio"] = (b["encode_s"] + (n - pairs) * b["velocity_s"] + pairs * b["velocity_pair_s"]
-                                         + 2 * b["decode_s"] + g * b["update_s"]) / unguided_s
+        b["floor_ratio"], b["segmentation_floor_ratio"] = floors(unguided, by_mode["segmentation"], b)
         rows.append(b)
         print(f"{kind:5s} {'':>8s} {decoder:5s} one encode {b['encode_s']:.3f} s, one velocity {b['velocity_s']:.3f} s "
               f"(a pair {b['velocity_pair_s']:.3f} s), one decode {b['decode_s']:.3f} s, one guided update "
