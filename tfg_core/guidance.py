@@ -173,8 +173,8 @@ class GuidanceStep:
         positives: slices the loss covered (first inner iteration); on encode, the input's positive slices.
         probabilities: classifier probability of each of those slices on ``x_hat`` (on the input for encode).
         velocity: the velocity the step's Euler update used (guided and free steps; detached, on the CPU).
-        z_reference: with ``guide(..., reference=True)``: the unguided reference's latent after the step (guided and
-            free steps; detached, on the CPU).
+        z_reference: with ``guide(..., reference=True)``: the unguided reference's latent after the step (guided,
+            free and final states; detached, on the CPU).
         velocity_reference: the velocity of the reference's step.
         x_reference: on ``"final"`` with ``reference=True``: the decoded unguided reconstruction.
     """
