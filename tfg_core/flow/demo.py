@@ -49,11 +49,13 @@ IMAGE_SHAPE = (32, 64, 64)  # (z, y, x): the phantom cohort's default grid
 # What has to mirror MAISI is the nodule's size in latent voxels, not the factor: MAISI's x4 on 0.7-1.5 mm CT makes a
 # latent voxel 3-6 mm, at most about a nodule's size; x4 on the phantoms' 5.5 mm voxels made it 22 mm, larger than
 # most nodules. With that x4 latent (8 channels) even a perfect counterfactual (the scan against its nodule-free twin,
-# both through the autoencoder) reached only Dice 0.43 on the ten phantom folds; through this x2 one 0.62 (README).
-# The factor follows from the autoencoder's levels (LATENT_FACTOR below).
+# both through the autoencoder) reached only Dice 0.43 on the ten phantom folds; through this x2 one 0.62 after 500
+# training steps and 0.72 after 1200 (README). The factor follows from the autoencoder's levels (LATENT_FACTOR below).
+# 4 channels as MAISI: 8 reconstructed a little better (held-out 27 against 30 HU, oracle 0.76 against 0.72) but its
+# flow, trained as long, was a weaker prior and guided worse (docs/measurement_log.md).
 LATENT_CHANNELS = 4
 
-# Small on purpose: trains in about half an hour on two shared CPU cores, file of a few MB.
+# Small on purpose: trains in about 40 minutes on one CPU core, file of a few MB.
 AUTOENCODER_KWARGS: dict[str, Any] = {
     "spatial_dims": 3,
     "in_channels": 1,

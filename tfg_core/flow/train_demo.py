@@ -67,12 +67,12 @@ class DemoTrainConfig:
 
     seed: int = 1
     n_cases: int = 500
-    ae_steps: int = 500
+    ae_steps: int = 1200
     ae_batch: int = 4
     ae_lr: float = 2e-3
     ae_detail_weight: float = 10.0
     kl_weight: float = 1e-8
-    flow_steps: int = 600
+    flow_steps: int = 1000
     flow_batch: int = 16
     flow_lr: float = 1e-3
     ema_decay: float = 0.99
