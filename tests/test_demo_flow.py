@@ -141,7 +141,7 @@ def test_heldout_reconstruction_error_is_small(flow):
     images = torch.stack([model_image(i) for i in range(4)])[:, None]
     recon = flow.decode(flow.encode(images)).clamp(0, 1)
     mae_hu = float((unit_to_hu(recon) - unit_to_hu(images)).abs().mean())
-    assert mae_hu < 60.0  # measured 44 HU on 10 held-out cases (noise of sigma 15-30 HU is not reproduced)
+    assert mae_hu < 60.0  # measured 29 HU here, 30 HU on 10 held-out cases (noise of sigma 15-30 HU is not reproduced)
     # the latent is standardised by scale_factor
     assert 0.7 < float(flow.encode(images).std()) < 1.4
 
@@ -154,11 +154,11 @@ def test_unguided_inversion_then_sampling_reproduces_the_input(flow):
     z_start = run_to_end(invert(flow.velocity, z0, grid, 15))
     z_back = run_to_end(sample(flow.velocity, z_start, grid, 15))
     rel = float((z_back - z0).norm() / z0.norm())
-    assert rel < 0.05  # measured 0.014
+    assert rel < 0.05  # measured 0.016
     x_back, x_direct = flow.decode(z_back).clamp(0, 1), flow.decode(z0).clamp(0, 1)
-    assert float((unit_to_hu(x_back) - unit_to_hu(x_direct)).abs().mean()) < 10.0  # measured 1.8 HU
+    assert float((unit_to_hu(x_back) - unit_to_hu(x_direct)).abs().mean()) < 10.0  # measured 1.7 HU
     # and the inverted latent is genuinely noisier than the data latent (inversion moved it half way to noise)
-    assert float((z_start - z0).norm() / z0.norm()) > 0.3  # measured 0.62
+    assert float((z_start - z0).norm() / z0.norm()) > 0.3  # measured 0.58
 
 
 # --- a real generative prior ------------------------------------------------------------------------------------
