@@ -214,7 +214,7 @@ def showcase() -> SimpleNamespace:
     )
 
 
-def _nodule_report(flow, showcase, config: GuidanceConfig) -> tuple[dict, object, dict]:
+def _nodule_report(flow, showcase, config: GuidanceConfig) -> tuple[dict, object]:
     """Mean HU inside the showcase nodule (input, reference, counterfactual) and in the rest of the lung."""
     x, nodule, lung = showcase.x, showcase.nodule, showcase.lung
     t0 = time.monotonic()
@@ -229,15 +229,15 @@ def _nodule_report(flow, showcase, config: GuidanceConfig) -> tuple[dict, object
     report["excess_after"] = report["counterfactual"] - report["lung_reference"]
     report["predictor"], report["seconds"] = showcase.predictor_name, round(time.monotonic() - t0, 1)
     report["positives"] = list(result.input_positives)
-    return report, result, hu
+    return report, result
 
 
 def test_guidance_replaces_the_nodule_with_lung(flow, showcase):
     """The shipped fold predictor (trained without this case) steers the shipped flow: the default guidance removes
     most of a 25.7 mm solid nodule's density, guidance twice as strong replaces it by lung-like density, and either
     leaves the lung as a whole alone."""
-    default, result, _ = _nodule_report(flow, showcase, GuidanceConfig())
-    strong, _, _ = _nodule_report(flow, showcase, GuidanceConfig(strength=2.0))
+    default, result = _nodule_report(flow, showcase, GuidanceConfig())
+    strong, _ = _nodule_report(flow, showcase, GuidanceConfig(strength=2.0))
     print("nodule HU", json.dumps({"default": default, "strength 2": strong}))
     nodule_slices = set(np.flatnonzero(showcase.nodule.any(axis=(1, 2))).tolist())
     assert nodule_slices & set(result.input_positives)  # the predictor saw the nodule
