@@ -55,7 +55,7 @@ IMAGE_SHAPE = (32, 64, 64)  # (z, y, x): the phantom cohort's default grid
 # flow, trained as long, was a weaker prior and guided worse (docs/measurement_log.md).
 LATENT_CHANNELS = 4
 
-# Small on purpose: trains in about 40 minutes on one CPU core, file of a few MB.
+# Small on purpose: trains in about 50 minutes on one CPU core, file of a few MB.
 AUTOENCODER_KWARGS: dict[str, Any] = {
     "spatial_dims": 3,
     "in_channels": 1,

@@ -72,7 +72,7 @@ class DemoTrainConfig:
     ae_lr: float = 2e-3
     ae_detail_weight: float = 10.0
     kl_weight: float = 1e-8
-    flow_steps: int = 1000
+    flow_steps: int = 1500
     flow_batch: int = 16
     flow_lr: float = 1e-3
     ema_decay: float = 0.99
