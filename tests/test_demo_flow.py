@@ -154,11 +154,11 @@ def test_unguided_inversion_then_sampling_reproduces_the_input(flow):
     z_start = run_to_end(invert(flow.velocity, z0, grid, 15))
     z_back = run_to_end(sample(flow.velocity, z_start, grid, 15))
     rel = float((z_back - z0).norm() / z0.norm())
-    assert rel < 0.05  # measured 0.016
+    assert rel < 0.05  # measured 0.017
     x_back, x_direct = flow.decode(z_back).clamp(0, 1), flow.decode(z0).clamp(0, 1)
     assert float((unit_to_hu(x_back) - unit_to_hu(x_direct)).abs().mean()) < 10.0  # measured 1.7 HU
     # and the inverted latent is genuinely noisier than the data latent (inversion moved it half way to noise)
-    assert float((z_start - z0).norm() / z0.norm()) > 0.3  # measured 0.58
+    assert float((z_start - z0).norm() / z0.norm()) > 0.3  # measured 0.61
 
 
 # --- a real generative prior ------------------------------------------------------------------------------------
@@ -241,7 +241,7 @@ def test_guidance_replaces_the_nodule_with_lung(flow, showcase):
     print("nodule HU", json.dumps({"default": default, "strength 2": strong}))
     nodule_slices = set(np.flatnonzero(showcase.nodule.any(axis=(1, 2))).tolist())
     assert nodule_slices & set(result.input_positives)  # the predictor saw the nodule
-    # the unguided flow keeps the nodule (measured: input -30 HU, reference -88 HU, lung -768 HU)
+    # the unguided flow keeps the nodule (measured: input -30 HU, reference -84 HU, lung -768 HU)
     assert default["reference"] > default["lung_reference"] + 300
     # the default (strength 1, chosen on the ten folds' Dice: README) takes most of the nodule's excess density over
     # the lung away (measured 684 -> 251 HU); strength 2 replaces it by lung (684 -> -12 HU)
