@@ -13,6 +13,7 @@ import pytest
 
 from tfg_core.batch import (expand_grid, is_finished, parse_assignments, parse_folds, plan_runs, read_status,
                             run_batch)
+from tfg_core.batch.execute import kernel_manager_class
 from tfg_core.batch.plan import run_id_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,3 +156,12 @@ def test_chain_of_real_notebooks_hands_results_on(tmp_path):
     assert table.loc[0, "dsc_cam"] >= 0
     assert [p.name for p in sorted((tmp_path / "runs" / "chain" / "fold2").glob("*.ipynb"))] == [
         "05_baselines.ipynb", "06_report.ipynb"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="IPC sockets are POSIX-only; elsewhere papermill's TCP default is kept")
+def test_parallel_runs_get_kernels_on_distinct_socket_files():
+    """Runs started in parallel must not race for TCP ports (a kernel died with "Address already in use" in CI):
+    every kernel manager talks over Unix-domain sockets under its own path."""
+    managers = [kernel_manager_class()() for _ in range(2)]
+    assert [m.transport for m in managers] == ["ipc", "ipc"]
+    assert managers[0].ip != managers[1].ip and all(len(m.ip) < 90 for m in managers)  # sun_path holds 107 bytes

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 import traceback
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,28 @@ STATUS = "status.json"
 PARAMS = "params.json"
 # papermill hands the kernel our environment: these cap the threads of the numeric libraries in it
 _THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def kernel_manager_class() -> type | None:
+    """A Jupyter kernel manager whose kernel talks over Unix-domain sockets with a unique path, on POSIX.
+
+    With TCP, jupyter_client picks five free ports and the kernel binds them a moment later; runs started in
+    parallel on one machine (``submitit-local``, a local process pool) can pick the same port in that moment, and the
+    kernel dies with "ZMQError: Address already in use" (seen in CI). Socket files named per kernel cannot collide.
+    None (papermill's default TCP manager) on Windows, which has no IPC transport.
+    """
+    if os.name != "posix":
+        return None
+    from jupyter_client import AsyncKernelManager
+
+    class IpcKernelManager(AsyncKernelManager):
+        def __init__(self, **kwargs: Any):
+            super().__init__(**kwargs)
+            self.transport = "ipc"
+            # the kernel appends "-<n>" per socket; jupyter_client removes the files when the kernel is cleaned up
+            self.ip = os.path.join(tempfile.gettempdir(), f"tfg-kernel-{uuid.uuid4().hex[:16]}")
+
+    return IpcKernelManager
 
 
 def read_status(run_dir: str | os.PathLike) -> dict[str, Any]:
@@ -101,6 +125,7 @@ def execute_run(spec: RunSpec) -> dict[str, Any]:
              "seconds": round(time.perf_counter() - started, 3), "error": error, "notebooks": executed,
              "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=2))
 
+    manager = {"kernel_manager_class": cls} if (cls := kernel_manager_class()) is not None else {}
     for attempt in range(1, spec.retries + 2):
         save("running", attempt)
         try:
@@ -109,7 +134,7 @@ def execute_run(spec: RunSpec) -> dict[str, Any]:
                 if step in finished_steps:
                     continue  # this part of the chain finished in an earlier attempt or batch
                 pm.execute_notebook(notebook, output, parameters=parameters, kernel_name=spec.kernel_name,
-                                    progress_bar=False, log_output=False, cwd=str(results_dir))
+                                    progress_bar=False, log_output=False, cwd=str(results_dir), **manager)
                 finished_steps.append(step)
                 save("running", attempt)
         except Exception as exc:  # noqa: BLE001 - any failure is reported, the batch goes on
