@@ -229,3 +229,28 @@ def test_the_validation_operating_point_is_saved_in_the_bias_and_the_checkpoint_
     assert all(type(v) in (int, float) for k, v in payload["metrics"].items()), payload["metrics"]
     again = evaluate(model, val)
     assert again["f1"] == pytest.approx(best["f1"]) and again["recall"] == pytest.approx(best["recall"])
+
+
+def test_slice_error_table_names_each_error_by_where_it_sits():
+    from tfg_core.training.slice_errors import slice_error_table, summarize_slice_errors
+
+    volume = np.zeros((8, 4, 4), np.float32)
+    # nodule on slices 2–5 (edges 2 and 5); a second scan without nodules
+    nodule = SliceCase("a", volume, np.array([0, 0, 1, 1, 1, 1, 0, 0], bool), np.array([0, 0, 1, 6, 9, 2, 0, 0]))
+    healthy = SliceCase("b", volume, np.zeros(8, bool))
+    probs = [np.array([0.1, 0.7, 0.2, 0.9, 0.3, 0.8, 0.1, 0.6]), np.array([0.1] * 7 + [0.5])]
+    table = slice_error_table([nodule, healthy], probs)
+    assert list(table.kind[:8]) == ["TN", "FP next to nodule", "FN edge", "TP", "FN inside", "TP", "TN",
+                                    "FP elsewhere"]
+    assert list(table.kind[8:]) == ["TN"] * 7 + ["FP elsewhere"]  # p = 0.5 is a positive call
+    assert list(table.distance[:8]) == [2, 1, 0, 0, 0, 0, 1, 2] and set(table.distance[8:]) == {-1}
+    assert list(table.nodule_voxels[:6]) == [0, 0, 1, 6, 9, 2] and set(table.nodule_voxels[8:]) == {-1}
+    summary = summarize_slice_errors(table)
+    assert summary["TP"] == 2 and summary["FN edge"] == 1 and summary["FN inside"] == 1
+    assert summary["FP next to nodule"] == 1 and summary["FP elsewhere"] == 2
+    assert summary["F1"] == pytest.approx(2 * 2 / (2 * 2 + 2 + 3))
+    assert summary["boundary share of errors"] == pytest.approx(2 / 5)
+    # concatenated probabilities are split by the cases' depths; a wrong length names the mismatch
+    assert slice_error_table([nodule, healthy], np.concatenate(probs)).equals(table)
+    with pytest.raises(ValueError, match="15 probabilities for 16 slices"):
+        slice_error_table([nodule, healthy], np.concatenate(probs)[:-1])

@@ -21,11 +21,14 @@ class SliceCase:
         uid: series identifier.
         volume: (z, y, x) float32 in [0, 1] (MAISI window).
         labels: (z,) bool, centre slice holds a nodule voxel.
+        nodule_voxels: (z,) int, nodule voxels in each slice on the model grid (for error analysis; None when
+            only the labels are known).
     """
 
     uid: str
     volume: np.ndarray
     labels: np.ndarray
+    nodule_voxels: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -194,4 +197,6 @@ def slice_case_from(case, grid_multiple: int = 32) -> SliceCase:
 
     grid = to_model_grid(case.volume, multiple=grid_multiple)
     mask = mask_to_model_grid(case.nodule_mask, case.volume, grid)  # same reorientation + resize as the image
-    return SliceCase(uid=case.uid, volume=grid.array.astype(np.float32), labels=slice_labels(mask > 0))
+    mask = mask > 0
+    return SliceCase(uid=case.uid, volume=grid.array.astype(np.float32), labels=slice_labels(mask),
+                     nodule_voxels=mask.reshape(mask.shape[0], -1).sum(axis=1))
