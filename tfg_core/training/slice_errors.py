@@ -1,10 +1,10 @@
 """Where a slice classifier's errors sit relative to the nodules: at a nodule's first or last slice, or elsewhere.
 
 A weak slice label says "the centre slice holds at least one nodule voxel". At a nodule's top and bottom that
-voxel is often a partial-volume sliver (one or two voxels, barely denser than the lung), and the slice next to
-it, labelled negative, can look the same. Errors there are a limit of the labels more than of the classifier;
-errors away from any nodule are not. :func:`slice_error_table` lists every slice with its nodule context and
-:func:`summarize_slice_errors` counts the four kinds, so a notebook can show which kind dominates.
+voxel is often a partial-volume sliver (one or two voxels, a faint excess over the lung), and the slice next to
+it, labelled negative, holds a fainter one. Errors there ask how small a signal the classifier can read; errors
+away from any nodule are confusions with anatomy. :func:`slice_error_table` lists every slice with its nodule
+context and :func:`summarize_slice_errors` counts the four kinds, so a notebook can show which kind dominates.
 """
 
 from __future__ import annotations
