@@ -25,6 +25,7 @@ import pandas as pd
 from tfg_core.data.folds import fold_split
 from tfg_core.data.phantom import PhantomConfig, generate_case, healthy_twin, parse_series_uid, write_cohort
 from tfg_core.experiment import load_fold_predictor
+from tfg_core.training.calibration import f1_optimal_shift
 from tfg_core.training.finetune import predict_slices
 from tfg_core.training.run import ensure_manifest, load_slice_cases
 from tfg_core.training.slice_errors import slice_error_table, summarize_slice_errors
@@ -37,17 +38,6 @@ def nodule_signal_per_slice(uid: str, config: PhantomConfig) -> tuple[np.ndarray
     signal = np.abs(case.volume.array.astype(np.float32) - twin.volume.array.astype(np.float32))
     labels = (case.nodule_labels > 0).reshape(len(signal), -1).any(axis=1)
     return labels, signal.reshape(len(signal), -1).max(axis=1)
-
-
-def best_f1_threshold(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
-    """The cut on ``scores`` with the largest F1 for ``labels``, and that F1."""
-    best = (float("nan"), -1.0)
-    for cut in np.unique(scores):
-        call = scores >= cut
-        tp = int((call & labels).sum())
-        f1 = 2 * tp / (2 * tp + int((call & ~labels).sum()) + int((~call & labels).sum()))
-        best = max(best, (float(cut), f1), key=lambda b: b[1])
-    return best
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,7 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         scans = [(fold, uid) for fold in range(10) for uid in getattr(fold_split(manifest, fold), split_name)]
         per_scan = [nodule_signal_per_slice(uid, config) for _, uid in scans]
         labels, signal = (np.concatenate(a) for a in zip(*per_scan))
-        cut, oracle_f1 = best_f1_threshold(labels, signal)
+        cut = -f1_optimal_shift(signal, labels)  # the cut with the best pooled F1, half-way between two signals
+        calls = signal >= cut
+        oracle_f1 = 2 * (labels & calls).sum() / (labels.sum() + calls.sum())
         fold_of_slice = np.concatenate([np.full(len(lab), fold) for (fold, _), (lab, _) in zip(scans, per_scan)])
         per_fold = []
         for fold in range(10):
