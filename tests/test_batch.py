@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -90,7 +91,12 @@ def test_local_batch_retries_reports_failures_and_resumes(tmp_path):
     assert changed.loc["fold0_fail_attempts-1", "state"] == "done" and changed.loc["fold0_fail_attempts-1", "dsc_probe"] == 0.7
 
 
+def _kernel_socket_files() -> set[str]:
+    return {p.name for p in Path(tempfile.gettempdir()).glob("tfg-kernel-*")}
+
+
 def test_killed_batch_resumes_without_recomputing_finished_folds(tmp_path):
+    sockets_before = _kernel_socket_files()
     command = [sys.executable, "-m", "tfg_core.cli", "batch", str(PROBE), "-e", "killed", "--folds", "0-3",
                "-p", "sleep_s=2", "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "results"), "--quiet"]
     runs = tmp_path / "runs" / "killed"
@@ -114,6 +120,8 @@ def test_killed_batch_resumes_without_recomputing_finished_folds(tmp_path):
     assert list(summary.state) == ["skipped", "skipped", "done", "done"]
     for fold in ("fold0", "fold1"):  # each finished fold's notebook ran exactly once
         assert (tmp_path / "results" / "killed" / fold / "attempts.txt").read_text() == "1"
+    if sys.platform.startswith("linux"):  # the killed kernel left no socket files behind
+        assert _kernel_socket_files() <= sockets_before
 
 
 def test_submitit_local_executor(tmp_path):
@@ -165,3 +173,5 @@ def test_parallel_runs_get_kernels_on_distinct_socket_files():
     managers = [kernel_manager_class()() for _ in range(2)]
     assert [m.transport for m in managers] == ["ipc", "ipc"]
     assert managers[0].ip != managers[1].ip and all(len(m.ip) < 90 for m in managers)  # sun_path holds 107 bytes
+    if sys.platform.startswith("linux"):  # abstract names: nothing on disk to leave behind
+        assert all(m.ip.startswith("@tfg-kernel-") for m in managers)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 import time
 import traceback
@@ -26,13 +27,25 @@ PARAMS = "params.json"
 _THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
+def kernel_socket_base() -> str:
+    """A fresh, unique base name for one kernel's Unix-domain sockets (the kernel appends "-<n>" per socket).
+
+    On Linux a name in the abstract namespace (leading "@", no file behind it): the sockets vanish with the
+    kernel, also when a batch is killed with SIGKILL and nothing gets to clean up. Elsewhere on POSIX a path in
+    the temporary directory, whose files jupyter_client removes when the kernel is shut down normally.
+    """
+    name = f"tfg-kernel-{uuid.uuid4().hex[:16]}"
+    return f"@{name}" if sys.platform.startswith("linux") else os.path.join(tempfile.gettempdir(), name)
+
+
 def kernel_manager_class() -> type | None:
-    """A Jupyter kernel manager whose kernel talks over Unix-domain sockets with a unique path, on POSIX.
+    """A Jupyter kernel manager whose kernel talks over Unix-domain sockets with a unique name, on POSIX.
 
     With TCP, jupyter_client picks five free ports and the kernel binds them a moment later; runs started in
     parallel on one machine (``submitit-local``, a local process pool) can pick the same port in that moment, and the
-    kernel dies with "ZMQError: Address already in use" (seen in CI). Socket files named per kernel cannot collide.
-    None (papermill's default TCP manager) on Windows, which has no IPC transport.
+    kernel dies with "ZMQError: Address already in use" (seen in CI). Sockets named per kernel
+    (:func:`kernel_socket_base`) cannot collide. None (papermill's default TCP manager) on Windows, which has no IPC
+    transport.
     """
     if os.name != "posix":
         return None
@@ -42,8 +55,7 @@ def kernel_manager_class() -> type | None:
         def __init__(self, **kwargs: Any):
             super().__init__(**kwargs)
             self.transport = "ipc"
-            # the kernel appends "-<n>" per socket; jupyter_client removes the files when the kernel is cleaned up
-            self.ip = os.path.join(tempfile.gettempdir(), f"tfg-kernel-{uuid.uuid4().hex[:16]}")
+            self.ip = kernel_socket_base()
 
     return IpcKernelManager
 
