@@ -37,10 +37,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", type=Path, default=ASSETS)
     parser.add_argument("--iterations", type=int, default=6000)
     parser.add_argument("--eval-every", type=int, default=250)
+    parser.add_argument("--cases", type=int, default=PRETRAIN_COHORT.n_cases,
+                        help="size of the external cohort (seed 1; the first 500 are the default cohort's cases)")
     parser.add_argument("--progress", action="store_true")
     args = parser.parse_args(argv)
 
-    root = write_cohort(args.workdir / "phantom_seed1", PRETRAIN_COHORT, progress=args.progress)
+    cohort = replace(PRETRAIN_COHORT, n_cases=args.cases)
+    name = "phantom_seed1" + (f"_n{args.cases}" if args.cases != PRETRAIN_COHORT.n_cases else "")
+    root = write_cohort(args.workdir / name, cohort, progress=args.progress)
     manifest, manifest_path = ensure_manifest(root)
     subset = manifest["subset"].astype(int)
     train_uids = sorted(manifest["seriesuid"][subset != VAL_SUBSET])
@@ -60,8 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     entries[out.name] = {
         "sha256": sha256_file(out),
         "command": "python scripts/pretrain_tiny_predictor.py"
-                   + (f" --iterations {args.iterations}" if args.iterations != 6000 else ""),
-        "cohort": f"PhantomConfig(seed={PRETRAIN_COHORT.seed}, n_cases={PRETRAIN_COHORT.n_cases}), "
+                   + (f" --iterations {args.iterations}" if args.iterations != 6000 else "")
+                   + (f" --cases {args.cases}" if args.cases != PRETRAIN_COHORT.n_cases else ""),
+        "cohort": f"PhantomConfig(seed={cohort.seed}, n_cases={cohort.n_cases}), "
                   f"val = subset {VAL_SUBSET}, train = the other subsets",
         "val_f1": best["f1"], "val_auc": best["auc"], "best_iteration": best["iteration"],
         "wall_s": round(time.perf_counter() - start, 1), "history": [

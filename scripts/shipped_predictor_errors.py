@@ -8,8 +8,8 @@ names each error by where it sits (a nodule's edge slice, inside a nodule, next 
 
 Beside it, a reader that sees the nodule's noise-free signal: the scan minus its healthy twin (same anatomy and
 noise, no nodules), a slice called positive when the nodule adds at least τ HU to one of its voxels, τ the best
-for the pooled F1. It shows how far the weak label is decided by what the nodule puts into the slice at all:
-what it misses is undecidable from the image; what it gets right and the classifier misses is a detection limit.
+for the pooled F1. It shows how far the weak label follows what the nodule puts into the slice: where this
+reader is right and the classifier wrong, the signal was there and the classifier did not resolve it.
 Prints one row per split, the numbers the README's Status section quotes.
 """
 

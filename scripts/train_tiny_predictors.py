@@ -44,7 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", type=Path, default=Path("outputs/phantom"), help="default phantom cohort (written if absent)")
     parser.add_argument("--out-dir", type=Path, default=ASSETS)
     parser.add_argument("--iterations", type=int, default=None, help="override TINY_DEFAULTS (smoke runs only)")
+    parser.add_argument("--pretrained", type=Path, default=PRETRAINED_PATH,
+                        help="backbone to start from (default: the shipped tiny_pretrained.pt; another one to try a "
+                             "candidate pretraining, with --out-dir elsewhere)")
     args = parser.parse_args(argv)
+    pretrained = args.pretrained.resolve()
+    shipped = pretrained == PRETRAINED_PATH.resolve()
 
     write_cohort(args.root, PhantomConfig())  # resumable: a complete cohort is only checked, not rewritten
     manifest_path = args.out_dir / "assets.json"
@@ -53,19 +58,21 @@ def main(argv: list[str] | None = None) -> int:
         name = f"tiny_predictor_fold{fold}.pt"
         start = time.perf_counter()
         result = finetune_fold(args.root, fold, "tiny", out=args.out_dir / name, progress=False, seed=0,
-                               iterations=args.iterations)
+                               iterations=args.iterations, pretrained_path=str(pretrained))
         best = result["best"]
         test = held_out_slice_metrics(args.root, fold, args.out_dir / name)
         entries[name] = {
             "sha256": sha256_file(args.out_dir / name),
             "command": f"python scripts/train_tiny_predictors.py --folds {fold}"
-                       + (f" --iterations {args.iterations}" if args.iterations else ""),
+                       + (f" --iterations {args.iterations}" if args.iterations else "")
+                       + ("" if shipped else f" --pretrained {args.pretrained}"),
             "cohort": "PhantomConfig() seed 0", "fold": fold, "val_f1": best["f1"], "best_iteration": best["iteration"],
             "test_f1": test["f1"], "test_auc": test["auc"],
             "wall_s": round(time.perf_counter() - start, 1),
-            "config": {**TINY_DEFAULTS, "pretrained_path": f"tfg_core/assets/{PRETRAINED_PATH.name}", "seed": 0,
+            "config": {**TINY_DEFAULTS, "seed": 0,
+                       "pretrained_path": f"tfg_core/assets/{PRETRAINED_PATH.name}" if shipped else str(args.pretrained),
                        **({"iterations": args.iterations} if args.iterations else {})},
-            "pretrained_sha256": sha256_file(PRETRAINED_PATH),
+            "pretrained_sha256": sha256_file(pretrained),
         }
         atomic_write_text(manifest_path, json.dumps(dict(sorted(entries.items())), indent=2) + "\n")
         print(f"fold {fold}: val F1 {best['f1']:.3f} (iteration {best['iteration']}), test F1 {test['f1']:.3f} "

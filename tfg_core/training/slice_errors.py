@@ -18,6 +18,7 @@ from tfg_core.training.slice_data import SliceCase
 
 # distance (in slices) to the nearest positive slice when a scan has none
 NO_NODULE = -1
+ERROR_KINDS = ("FN edge", "FN inside", "FP next to nodule", "FP elsewhere")
 
 
 def _distance_to_positive(labels: np.ndarray) -> np.ndarray:
@@ -74,14 +75,12 @@ def summarize_slice_errors(table: pd.DataFrame) -> pd.Series:
     Args:
         table: output of :func:`slice_error_table`.
     """
-    counts = table.kind.value_counts()
-    get = lambda k: int(counts.get(k, 0))  # noqa: E731
-    tp, fn = get("TP"), get("FN edge") + get("FN inside")
-    fp = get("FP next to nodule") + get("FP elsewhere")
+    counts = table.kind.value_counts().to_dict()
+    n = {kind: int(counts.get(kind, 0)) for kind in ERROR_KINDS + ("TP",)}
+    fn, fp = n["FN edge"] + n["FN inside"], n["FP next to nodule"] + n["FP elsewhere"]
     errors = fn + fp
     return pd.Series({
-        "positive slices": tp + fn, "TP": tp, "FN edge": get("FN edge"), "FN inside": get("FN inside"),
-        "FP next to nodule": get("FP next to nodule"), "FP elsewhere": get("FP elsewhere"),
-        "F1": 2 * tp / (2 * tp + fn + fp) if tp + fn + fp else float("nan"),
-        "boundary share of errors": (get("FN edge") + get("FP next to nodule")) / errors if errors else float("nan"),
+        "positive slices": n["TP"] + fn, "TP": n["TP"], **{kind: n[kind] for kind in ERROR_KINDS},
+        "F1": 2 * n["TP"] / (2 * n["TP"] + errors) if n["TP"] + errors else float("nan"),
+        "boundary share of errors": (n["FN edge"] + n["FP next to nodule"]) / errors if errors else float("nan"),
     })
