@@ -5,7 +5,9 @@ Run: ``python scripts/train_tiny_predictors.py [--folds 0 1 …] [--root DIR] [-
 Each fold k is ``finetune_fold(root, k, "tiny")`` (test = subset k, val = subset k+1, train = the rest) on the
 default phantom cohort (``PhantomConfig()``, seed 0), with the tiny defaults and seed 0: it starts from the shipped
 pretrained tiny predictor's backbone (``scripts/pretrain_tiny_predictor.py``, an external cohort, seed 1). Folds run
-sequentially (the CPU is shared; two fine-tunes at once gave different weights); the manifest is rewritten after each fold so an interrupted run keeps what it finished.
+sequentially (the CPU is shared); the manifest is rewritten after each fold so an interrupted run keeps what it
+finished, with the torch CPU thread count the fold ran with. On the same torch build and thread count a rerun gives
+bit-identical weights (the files still differ: they record the wall time); another thread count gives other weights.
 Besides the validation F1 that picked the checkpoint (an optimistic number: it is the best of several checks),
 the manifest records the slice F1 and AUC on the fold's held-out test scans, which training never saw.
 """
@@ -17,6 +19,8 @@ import json
 import sys
 import time
 from pathlib import Path
+
+import torch
 
 from tfg_core.data.folds import fold_split
 from tfg_core.data.phantom import PhantomConfig, write_cohort
@@ -68,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                        + ("" if shipped else f" --pretrained {args.pretrained}"),
             "cohort": "PhantomConfig() seed 0", "fold": fold, "val_f1": best["f1"], "best_iteration": best["iteration"],
             "test_f1": test["f1"], "test_auc": test["auc"],
-            "wall_s": round(time.perf_counter() - start, 1),
+            "wall_s": round(time.perf_counter() - start, 1), "torch_threads": torch.get_num_threads(),
             "config": {**TINY_DEFAULTS, "seed": 0,
                        "pretrained_path": f"tfg_core/assets/{PRETRAINED_PATH.name}" if shipped else str(args.pretrained),
                        **({"iterations": args.iterations} if args.iterations else {})},
