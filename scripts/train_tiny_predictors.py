@@ -73,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
             "cohort": "PhantomConfig() seed 0", "fold": fold, "val_f1": best["f1"], "best_iteration": best["iteration"],
             "test_f1": test["f1"], "test_auc": test["auc"],
             "wall_s": round(time.perf_counter() - start, 1), "torch_threads": torch.get_num_threads(),
-            "config": {**TINY_DEFAULTS, "seed": 0,
-                       "pretrained_path": f"tfg_core/assets/{PRETRAINED_PATH.name}" if shipped else str(args.pretrained),
+            "config": {**TINY_DEFAULTS, "seed": 0, "pretrained_path": (
+                           f"tfg_core/assets/{PRETRAINED_PATH.name}" if shipped else str(args.pretrained)),
                        **({"iterations": args.iterations} if args.iterations else {})},
             "pretrained_sha256": sha256_file(pretrained),
         }
