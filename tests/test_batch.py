@@ -167,9 +167,9 @@ def test_chain_of_real_notebooks_hands_results_on(tmp_path):
 
 
 @pytest.mark.skipif(os.name != "posix", reason="IPC sockets are POSIX-only; elsewhere papermill's TCP default is kept")
-def test_parallel_runs_get_kernels_on_distinct_socket_files():
+def test_parallel_runs_get_kernels_on_distinct_sockets():
     """Runs started in parallel must not race for TCP ports (a kernel died with "Address already in use" in CI):
-    every kernel manager talks over Unix-domain sockets under its own path."""
+    every kernel manager talks over Unix-domain sockets under a name of its own."""
     managers = [kernel_manager_class()() for _ in range(2)]
     assert [m.transport for m in managers] == ["ipc", "ipc"]
     assert managers[0].ip != managers[1].ip and all(len(m.ip) < 90 for m in managers)  # sun_path holds 107 bytes
