@@ -90,6 +90,19 @@ def test_augment_draws_per_sample_and_moves_all_slices_together():
     torch.testing.assert_close(out, out[:, :1].expand_as(out), atol=1e-6, rtol=0)
 
 
+def test_nearest_augmentation_copies_voxels_bilinear_averages_them():
+    stacks = torch.rand(6, 9, 32, 32)
+    moved = {mode: BatchAugment(AugmentConfig(mode=mode), seed=3)(stacks) for mode in ("nearest", "bilinear")}
+    for mode, out in moved.items():
+        assert not torch.allclose(out, stacks)  # every stack was moved (translation has probability 1)
+        # a voxel of the output is a copy of one of its stack's input voxels only under nearest resampling
+        pairs = zip(out.reshape(6, -1), stacks.reshape(6, -1))
+        copied = torch.stack([torch.isin(moved_stack, stack) for moved_stack, stack in pairs]).float().mean()
+        assert (copied == 1.0) if mode == "nearest" else (copied < 0.5), (mode, float(copied))
+    # averaging neighbours shrinks the noise (the variance of uniform noise); copying keeps it
+    assert moved["bilinear"].var() < 0.9 * stacks.var() < moved["nearest"].var()
+
+
 # ---------------------------------------------------------------- checkpoints
 
 

@@ -36,7 +36,8 @@ class AugmentConfig:
     """The paper's augmentation: flip, rotation, translation, zoom with probabilities 0.5, 0.5, 1.0, 0.95.
 
     Ranges (rotation ±15°, translation ±10 % of the width, zoom 0.9–1.1) are ours: the paper gives only the
-    probabilities.
+    probabilities. ``mode`` is the resampling interpolation: ``"bilinear"`` (default) or ``"nearest"``, which
+    copies voxels instead of averaging them, so the noise texture and one-voxel details survive augmentation.
     """
 
     p_flip: float = 0.5
@@ -46,6 +47,11 @@ class AugmentConfig:
     max_rotation_deg: float = 15.0
     max_translation_frac: float = 0.1
     zoom_range: tuple[float, float] = (0.9, 1.1)
+    mode: str = "bilinear"
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("bilinear", "nearest"):
+            raise ValueError(f"augmentation mode must be 'bilinear' or 'nearest', got {self.mode!r}")
 
 
 class BatchAugment:
@@ -65,7 +71,7 @@ class BatchAugment:
         self.cfg = cfg
         self.rng = np.random.default_rng(seed)
         self.warp = AffineTransform(normalized=True, reverse_indexing=False, padding_mode="border",
-                                    align_corners=False, mode="bilinear")
+                                    align_corners=False, mode=cfg.mode)
 
     def matrices(self, n: int) -> torch.Tensor:
         """(n, 2, 3) pull-direction affines in normalised (x, y) coordinates.
