@@ -40,7 +40,11 @@ def test_protocol_with_oracle_like_maps(cohort, monkeypatch):
     assert 0.3 <= thresholds["good"] <= 0.9  # mid-plateau between the noise (< 0.2) and the nodules (≥ 1)
     assert set(rows.seriesuid) == set(split.test) and len(rows) == 2 * len(split.test)
     assert {"experiment", "fold", "seriesuid", "backbone", "method", "dsc", "msd_mm", "pred_voxels", "gt_voxels",
-            "threshold", "params_hash"} <= set(rows.columns)
+            "threshold", "val_dice", "params_hash"} <= set(rows.columns)
+    # the calibration's validation Dice travels with the rows: one value per method, high for "good" only
+    val_dice = rows.groupby("method").val_dice.agg(["min", "max"])
+    assert (val_dice["min"] == val_dice["max"]).all()
+    assert val_dice.loc["good", "min"] > 0.9 and val_dice.loc["bad", "min"] < 0.5
     summary = evaluate.summarise(rows).set_index("method")
     assert summary.loc["good", "dsc_mean"] > 0.95  # back on the scan grid the mask is the ground truth
     assert summary.loc["good", "msd_median_mm"] < 1.0
@@ -59,7 +63,7 @@ def test_otsu_mode_needs_no_validation(cohort, monkeypatch):
     split = fold_split(manifest, fold=1)
     rows, thresholds = evaluate.evaluate_fold(root, manifest, annotations, split, None, None, methods=("good",),
                                               threshold_mode="otsu")
-    assert thresholds == {} and seen == split.test and set(rows.threshold) == {"otsu"}
+    assert thresholds == {} and seen == split.test and set(rows.threshold) == {"otsu"} and rows.val_dice.isna().all()
     with pytest.raises(ValueError, match="threshold_mode"):
         evaluate.evaluate_fold(root, manifest, annotations, split, None, None, threshold_mode="best-on-test")
 

@@ -164,6 +164,7 @@ def segment_fold(root: Path, manifest: pd.DataFrame, annotations: pd.DataFrame, 
     atomic_write_text(finished, json.dumps(key, indent=1))  # last: everything of the fold is on disk
     summary = summarise(rows)
     summary["threshold"] = summary.method.map(thresholds)
+    summary["val_dice"] = summary.method.map(rows.groupby("method").val_dice.first())
     summary["seconds_per_scan"] = summary.method.map(rows.groupby("method").seconds.mean())
     print(f"\nguided segmentation, fold {split.fold} test scans with nodules "
           f"(thresholds calibrated on the {len(split.val)} validation scans):")

@@ -28,7 +28,8 @@ from tfg_core.flow.base import FlowModel
 from tfg_core.flow.noprior import NoPriorFlow
 from tfg_core.guidance import GuidanceConfig, run_guidance
 from tfg_core.metrics import case_metrics, peak_distance_mm
-from tfg_core.segment import MAP_SCALES, REFINEMENTS, calibrate_threshold, difference_map, scale_map, segment
+from tfg_core.segment import (MAP_SCALES, REFINEMENTS, calibrate_threshold, difference_map, scale_map, segment,
+                              threshold_dice_curve)
 
 METHODS = ("tfg", "no_prior", "unguided")  # the guidance and its two ablations
 # the ideal counterfactual (phantoms only): the same scan without its nodules, through the same autoencoder
@@ -235,6 +236,10 @@ def evaluate_fold(
         progress: progress bars.
         baseline_config: baseline parameters (defaults of :class:`~tfg_core.baselines.BaselineConfig`).
         weakmedsam: WeakMedSAM refiner for ``predictor``; built from LiteMedSAM's weights when needed and None.
+
+    Returns:
+        One row per (test scan, method, threshold mode) — Dice, MSD, the threshold and ``val_dice``, the mean Dice
+        over the validation scans at the calibrated threshold (NaN for Otsu rows) — and the calibrated thresholds.
     """
     config = config if config is not None else GuidanceConfig()
     if "weakmedsam" in methods and weakmedsam is None:
@@ -261,6 +266,7 @@ def evaluate_fold(
     if refine not in REFINEMENTS:
         raise ValueError(f"refine must be one of {REFINEMENTS}, got {refine!r}")
     thresholds: dict[str, float] = {}
+    val_dice: dict[str, float] = {}
     if "calibrated" in modes:
         val_maps: dict[str, list[np.ndarray]] = {m: [] for m in methods}
         gts, lungs, images = [], [], []
@@ -275,6 +281,11 @@ def evaluate_fold(
         for m in methods:
             thresholds[m] = calibrate_threshold(val_maps[m], gts, lung_masks=lungs,
                                                 min_component_voxels=min_component_voxels, refine=refine, images=images)
+            # the calibration's objective at its chosen threshold: lets recipes (predictors, guidance options) be
+            # compared on the validation scans, without looking at the test scans
+            _, at_threshold = threshold_dice_curve(val_maps[m], gts, [thresholds[m]], lungs, min_component_voxels,
+                                                   refine, images)
+            val_dice[m] = float(at_threshold[0])
 
     phash = params_hash(evaluation_params(config, threshold_mode, min_component_voxels, refine, map_scale,
                                           baseline_config))
@@ -299,6 +310,7 @@ def evaluate_fold(
                              "method": m, **metrics, "threshold_mode": mode, "refine": refine,
                              "map_scale": map_scale,
                              "threshold": threshold if isinstance(threshold, str) else float(threshold),
+                             "val_dice": val_dice[m] if mode == "calibrated" else float("nan"),
                              "n_nodules": len(prepared.case.annotations),
                              "peak_dist_mm": peak, "peak_on_nodule": bool(peak <= max(prepared.grid.spacing)),
                              "seconds": round(seconds.get(m, float("nan")), 3),
