@@ -101,6 +101,8 @@ def test_nearest_augmentation_copies_voxels_bilinear_averages_them():
         assert (copied == 1.0) if mode == "nearest" else (copied < 0.5), (mode, float(copied))
     # averaging neighbours shrinks the noise (the variance of uniform noise); copying keeps it
     assert moved["bilinear"].var() < 0.9 * stacks.var() < moved["nearest"].var()
+    with pytest.raises(ValueError, match="mode"):
+        AugmentConfig(mode="bicubic")
 
 
 # ---------------------------------------------------------------- checkpoints
