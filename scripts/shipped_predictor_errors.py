@@ -26,7 +26,7 @@ from tfg_core.data.folds import fold_split
 from tfg_core.data.phantom import PhantomConfig, generate_case, healthy_twin, parse_series_uid, write_cohort
 from tfg_core.experiment import load_fold_predictor
 from tfg_core.training.calibration import f1_optimal_shift
-from tfg_core.training.finetune import predict_slices
+from tfg_core.training.finetune import binary_metrics, predict_slices
 from tfg_core.training.run import ensure_manifest, load_slice_cases
 from tfg_core.training.slice_errors import slice_error_table, summarize_slice_errors
 
@@ -38,11 +38,6 @@ def nodule_signal_per_slice(uid: str, config: PhantomConfig) -> tuple[np.ndarray
     signal = np.abs(case.volume.array.astype(np.float32) - twin.volume.array.astype(np.float32))
     labels = (case.nodule_labels > 0).reshape(len(signal), -1).any(axis=1)
     return labels, signal.reshape(len(signal), -1).max(axis=1)
-
-
-def f1(labels: np.ndarray, calls: np.ndarray) -> float:
-    """F1 of boolean calls against boolean labels."""
-    return 2 * float((labels & calls).sum()) / float(labels.sum() + calls.sum())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,13 +65,14 @@ def main(argv: list[str] | None = None) -> int:
         cut = -f1_optimal_shift(signal, labels)  # the cut with the best pooled F1, half-way between two signals
         calls = signal >= cut
         fold_of_slice = np.concatenate([np.full(len(lab), fold) for (fold, _), (lab, _) in zip(scans, per_scan)])
-        per_fold = [f1(labels[fold_of_slice == fold], calls[fold_of_slice == fold]) for fold in range(10)]
+        per_fold = [binary_metrics(calls[fold_of_slice == fold], labels[fold_of_slice == fold])["f1"]
+                    for fold in range(10)]
         print(f"{split_name}: noise-free signal reader F1 per fold at {cut:.0f} HU: "
               + ", ".join(f"{f:.3f}" for f in per_fold), flush=True)
         rows[split_name] = pd.concat([summarize_slice_errors(table), pd.Series({
             "median nodule voxels, found": positives.nodule_voxels[positives.call].median(),
             "median nodule voxels, missed": positives.nodule_voxels[~positives.call].median(),
-            "noise-free signal reader F1": f1(labels, calls), "its cut (HU)": cut})])
+            "noise-free signal reader F1": binary_metrics(calls, labels)["f1"], "its cut (HU)": cut})])
     print(pd.DataFrame(rows).T.round(3).to_string())
     return 0
 
