@@ -229,6 +229,37 @@ def test_finetune_fold_writes_a_checkpoint_that_reproduces_its_val_metrics(small
         {k: best[k] for k in ("f1", "precision", "recall", "accuracy")})
 
 
+def test_finetune_fold_with_members_writes_one_ensemble_checkpoint_at_its_own_operating_point(small_cohort, tmp_path):
+    # two seeds of the same few steps: bookkeeping of the ensemble path (learning is tested elsewhere)
+    from tfg_core.data.folds import fold_split
+    from tfg_core.predictors import EnsemblePredictor
+    from tfg_core.training.finetune import evaluate, predict_bank
+    from tfg_core.training.run import ensure_manifest, finetune_fold, load_slice_cases
+    from tfg_core.training.slice_data import SliceBank
+
+    out = tmp_path / "ens" / "tiny.pt"
+    result = finetune_fold(small_cohort, 0, "tiny", out=out, progress=False, iterations=4, eval_every=2, batch_size=8,
+                           seed=5, members=2)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["tiny.pt"]  # the members' scratch files are gone
+    model, payload = load_predictor(out)
+    assert isinstance(model, EnsemblePredictor) and len(model.members) == 2 and payload["members"] == 2
+    assert payload["config"]["seeds"] == [5, 6] and payload["config"]["iterations"] == 4
+    assert len(result["history"]) == 2 and len(result["best"]["members"]) == 2
+    first, second = (m.state_dict() for m in model.members)  # other seeds, other weights
+    assert not torch.equal(first["encoder.0.conv.weight"], second["encoder.0.conv.weight"])
+    manifest, _ = ensure_manifest(small_cohort)
+    val = load_slice_cases(small_cohort, manifest, fold_split(manifest, 0).val)
+    again = evaluate(model, val)  # the saved ensemble, bias included, gives the metrics it was saved with
+    assert again["f1"] == pytest.approx(payload["metrics"]["f1"])
+    # and its operating point is the F1-optimal one on those slices: no other cut of its logits does better
+    logits = predict_bank(model, SliceBank(val, size=64, n_slices=9), logits=True)
+    labels = np.concatenate([c.labels for c in val])
+    for cut in np.unique(logits):
+        pred = logits >= cut
+        tp = float(np.sum(pred & labels))
+        assert 2 * tp / (pred.sum() + labels.sum()) <= again["f1"] + 1e-9
+
+
 def test_the_validation_operating_point_is_saved_in_the_bias_and_the_checkpoint_reloads(rng, tmp_path):
     # random volumes: nothing to learn, so the F1-optimal offset is far from 0 and must land in the saved head bias
     from tfg_core.training.finetune import FinetuneConfig, evaluate, finetune

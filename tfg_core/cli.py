@@ -40,7 +40,7 @@ def _finetune(args: argparse.Namespace) -> None:
     result = finetune_fold(root=args.root, fold=args.fold, backbone=args.backbone, out=args.out,
                            iterations=args.iterations, batch_size=args.batch_size, lr=args.lr,
                            eval_every=args.eval_every, seed=args.seed, device=args.device,
-                           pretrained_path=args.pretrained, progress=not args.quiet)
+                           pretrained_path=args.pretrained, members=args.members, progress=not args.quiet)
     best = result["best"]
     print(f"best validation F1 {best['f1']:.3f} at iteration {best['iteration']} "
           f"({result['seconds']:.0f} s, {result['iterations_per_second']:.1f} it/s) → {result['checkpoint']}")
@@ -297,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--eval-every", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--members", type=int, default=1,
+                   help="fine-tunes with seeds seed, seed+1, … combined into one mean-CAM ensemble checkpoint")
     p.add_argument("--device", default="cpu")
     p.add_argument("--pretrained", default=None,
                    help="backbone weights file; default the published backbone (tiny: the shipped pretraining, "

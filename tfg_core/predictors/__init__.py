@@ -6,6 +6,9 @@
 - ``"resnet50"``: RadImageNet ResNet50, 224×224, ``feat`` (B, 2048, 7, 7), linear CAM head.
 - ``"tiny"``: small CNN for the CPU demo, 64×64, ``feat`` (B, 64, 16, 16), LSE-pooled 1×1-conv CAM head; its
   "published backbone" is the shipped pretraining on an external phantom cohort.
+
+:class:`EnsemblePredictor` combines fine-tunes of one backbone into a predictor with the same interface (``feat`` =
+the members' maps side by side, CAM = their mean).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import os
 from typing import Callable
 
+from tfg_core.predictors.ensemble import EnsembleCamHead, EnsemblePredictor
 from tfg_core.predictors.heads import CamHead, ConvCamHead, LinearCamHead, Predictor, check_stacks
 from tfg_core.predictors.resnet import ResNet50Predictor, load_radimagenet_resnet50
 from tfg_core.predictors.stem import inflate_conv_in_channels
@@ -56,6 +60,8 @@ __all__ = [
     "PREDICTORS",
     "CamHead",
     "ConvCamHead",
+    "EnsembleCamHead",
+    "EnsemblePredictor",
     "LinearCamHead",
     "Predictor",
     "ResNet50Predictor",

@@ -13,6 +13,7 @@ from tfg_core.data.cases import load_case
 from tfg_core.data.folds import fold_split
 from tfg_core.data.luna16 import build_manifest, read_annotations, read_manifest
 from tfg_core.io import sha256_file
+from tfg_core.training.ensemble import finetune_ensemble
 from tfg_core.training.finetune import config_for, finetune
 from tfg_core.training.slice_data import SliceCase, slice_case_from
 
@@ -50,7 +51,8 @@ def load_slice_cases(root: str | os.PathLike, manifest: pd.DataFrame, uids: Sequ
 
 
 def finetune_fold(root: str | os.PathLike, fold: int, backbone: str = "tiny", out: str | os.PathLike | None = None,
-                  progress: bool = True, device: str = "cpu", ground_truth: str = "auto", **config: Any) -> dict[str, Any]:
+                  progress: bool = True, device: str = "cpu", ground_truth: str = "auto", members: int = 1,
+                  **config: Any) -> dict[str, Any]:
     """Fine-tune ``backbone`` with test = subset ``fold``, validation = the next subset, training = the rest.
 
     Args:
@@ -61,6 +63,9 @@ def finetune_fold(root: str | os.PathLike, fold: int, backbone: str = "tiny", ou
         progress: progress bars.
         device: ``cpu`` | ``cuda``.
         ground_truth: which masks define the slice labels.
+        members: 1 = one predictor; more = that many fine-tunes (seeds ``seed``, ``seed + 1``, …) combined into
+            one :class:`~tfg_core.predictors.ensemble.EnsemblePredictor`
+            (:func:`~tfg_core.training.ensemble.finetune_ensemble`).
         config: any :class:`FinetuneConfig` field (iterations, batch_size, lr, …); None = the backbone's default
             (:data:`~tfg_core.training.finetune.TINY_DEFAULTS` for ``tiny``, the paper's otherwise).
     """
@@ -70,6 +75,11 @@ def finetune_fold(root: str | os.PathLike, fold: int, backbone: str = "tiny", ou
     train = load_slice_cases(root, manifest, split.train, ground_truth, progress)
     val = load_slice_cases(root, manifest, split.val, ground_truth, progress)
     out = Path(out) if out is not None else Path("runs/finetune") / f"{backbone}_fold{fold}.pt"
-    result = finetune(train, val, cfg, out, manifest_sha256=sha256_file(manifest_path), device=device, progress=progress)
+    digest = sha256_file(manifest_path)
+    if members > 1:
+        result = finetune_ensemble(train, val, cfg, out, members=members, manifest_sha256=digest, device=device,
+                                   progress=progress)
+    else:
+        result = finetune(train, val, cfg, out, manifest_sha256=digest, device=device, progress=progress)
     result.update(fold=fold, n_train=len(train), n_val=len(val))
     return result
