@@ -20,8 +20,8 @@ def _members(n: int, seed: int = 0, head=None) -> list[TinyPredictor]:
         if head is not None:
             model.head = head(64)
         with torch.no_grad():  # a fresh head is zero: give the CAMs something to differ in
-            model.head.conv.weight.normal_(std=20.0)
-            model.head.conv.bias.normal_()
+            model.head.weight.normal_(std=20.0)  # views of the conv's / linear layer's parameters
+            model.head.bias.normal_()
         members.append(model.eval())
     return members
 
@@ -104,3 +104,14 @@ def test_ensemble_refuses_members_that_do_not_fit_together():
         EnsemblePredictor([TinyPredictor(in_slices=9), TinyPredictor(in_slices=7)])
     with pytest.raises(ValueError, match="pool their CAMs the same way"):
         EnsemblePredictor([TinyPredictor(), TinyPredictor(sharpness=2.0)])
+
+
+def test_weakmedsam_takes_an_ensemble_of_conv_cam_heads_and_refuses_one_of_linear_heads():
+    # its box prompts come from a 1×1-conv CAM; the mean of such CAMs is one, a mean of linear-head maps is not
+    from tfg_core.baselines.weakmedsam import WeakMedSam
+    from tfg_core.predictors.heads import LinearCamHead
+
+    ensemble = EnsemblePredictor(_members(2))
+    assert WeakMedSam(ensemble, image_encoder=None, prompt_head=None).predictor is ensemble
+    with pytest.raises(ValueError, match="1x1-conv CAM head.*LinearCamHead"):
+        WeakMedSam(EnsemblePredictor(_members(2, head=LinearCamHead)), image_encoder=None, prompt_head=None)

@@ -65,7 +65,7 @@ def test_open_cohort_names_a_missing_luna16_tree(tmp_path):
 
 
 def test_preprocess_finetune_and_ablation_notebooks_chain(tmp_path):
-    """01 → 02 → 04 with tiny parameters; 04 guides with the checkpoint 02 just wrote."""
+    """01 → 02 → 04 with tiny parameters; 04 guides with the (ensemble) checkpoint 02 just wrote."""
     run = lambda name, **params: pm.execute_notebook(
         str(NOTEBOOKS[[p.name for p in NOTEBOOKS].index(name)]), str(tmp_path / name), parameters=params,
         kernel_name="python3", progress_bar=False, cwd=str(tmp_path))
@@ -79,8 +79,9 @@ def test_preprocess_finetune_and_ablation_notebooks_chain(tmp_path):
 
     run("02_finetune_predictor.ipynb", data_root=data, fold=1, iterations=20, eval_every=10, batch_size=8,
         out_dir=str(tmp_path / "ft"), progress=False)
-    history = pd.read_csv(tmp_path / "ft" / "tiny_fold1_history.csv")
-    assert list(history.iteration) == [10, 20] and (tmp_path / "ft" / "tiny_fold1.pt").is_file()
+    history = pd.read_csv(tmp_path / "ft" / "tiny_fold1_history.csv")  # two members by default, as shipped
+    assert list(history.iteration) == [10, 20, 10, 20] and list(history.member) == [0, 0, 1, 1]
+    assert (tmp_path / "ft" / "tiny_fold1.pt").is_file()
     slices = pd.read_csv(tmp_path / "ft" / "tiny_fold1_test_slices.csv", index_col=0)
     assert len(slices) == 2 and slices.auc.between(0, 1).all()  # this checkpoint and the shipped one
 

@@ -135,7 +135,7 @@ class WeakMedSam:
     """CAM + prompt affinity mining for batches of 2.5D stacks; callable as a slicewise map function.
 
     Args:
-        predictor: fine-tuned classifier whose head is a 1×1-conv CAM head (TinyViT, tiny).
+        predictor: fine-tuned classifier whose head is a 1×1-conv CAM head (TinyViT, tiny, or an ensemble of them).
         image_encoder: LiteMedSAM's image encoder (``TinyViTEncoder`` with its neck, 3 channels, eval mode).
         prompt_head: LiteMedSAM's prompt encoder + mask decoder (``tfg_core.predictors.sam_prompt``).
         config: PAM parameters.
@@ -143,9 +143,11 @@ class WeakMedSam:
 
     def __init__(self, predictor: Predictor, image_encoder: torch.nn.Module, prompt_head: torch.nn.Module,
                  config: PamConfig | None = None):
-        if not isinstance(predictor.head, ConvCamHead):
+        # an ensemble's mean CAM is a 1×1 conv over its members' maps when each member's is
+        heads = getattr(predictor.head, "member_heads", (predictor.head,))
+        if not all(isinstance(head, ConvCamHead) for head in heads):
             raise ValueError(f"WeakMedSAM needs a pooled 1x1-conv CAM head (TinyViT or tiny predictor); "
-                             f"{type(predictor).__name__} has a {type(predictor.head).__name__}")
+                             f"{type(predictor).__name__} has a {type(heads[0]).__name__}")
         self.predictor = predictor
         self.image_encoder = image_encoder
         self.prompt_head = prompt_head

@@ -48,6 +48,11 @@ class EnsembleCamHead(CamHead):
         self.offset = nn.Parameter(torch.tensor([start]))
 
     @property
+    def member_heads(self) -> tuple[CamHead, ...]:
+        """The members' heads, in member order."""
+        return self._heads
+
+    @property
     def weight(self) -> torch.Tensor:
         return torch.cat([h.weight for h in self._heads]) / len(self._heads)
 
