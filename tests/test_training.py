@@ -237,6 +237,8 @@ def test_finetune_fold_with_members_writes_one_ensemble_checkpoint_at_its_own_op
     from tfg_core.training.run import ensure_manifest, finetune_fold, load_slice_cases
     from tfg_core.training.slice_data import SliceBank
 
+    with pytest.raises(ValueError, match="members must be >= 1"):
+        finetune_fold(small_cohort, 0, "tiny", out=tmp_path / "none.pt", progress=False, members=0)
     out = tmp_path / "ens" / "tiny.pt"
     result = finetune_fold(small_cohort, 0, "tiny", out=out, progress=False, iterations=4, eval_every=2, batch_size=8,
                            seed=5, members=2)

@@ -12,7 +12,7 @@ The ensemble keeps the three names every consumer relies on (:mod:`tfg_core.pred
 - the logit is that mean CAM pooled the members' way plus the ensemble's own bias. For mean-pooling heads this is
   exactly the mean of the members' logits (up to the bias); for the tiny predictor's LSE head it is the LSE of the
   mean CAM. The bias is the ensemble's operating point, fitted like a single predictor's
-  (:func:`tfg_core.training.finetune.finetune_ensemble`), so "positive" means logit ≥ 0 as for any predictor.
+  (:func:`tfg_core.training.ensemble.finetune_ensemble`), so "positive" means logit ≥ 0 as for any predictor.
 """
 
 from __future__ import annotations

@@ -69,6 +69,8 @@ def finetune_fold(root: str | os.PathLike, fold: int, backbone: str = "tiny", ou
         config: any :class:`FinetuneConfig` field (iterations, batch_size, lr, …); None = the backbone's default
             (:data:`~tfg_core.training.finetune.TINY_DEFAULTS` for ``tiny``, the paper's otherwise).
     """
+    if members < 1:
+        raise ValueError(f"members must be >= 1 (1 = one predictor), got {members}")
     cfg = config_for(backbone, **config)  # first: a missing published backbone fails before any data is read
     manifest, manifest_path = ensure_manifest(root, progress=progress)
     split = fold_split(manifest, fold)
