@@ -17,6 +17,7 @@ DENSITY_CHANGES = ("decrease", "any")  # the first is the default
 REFINEMENTS = ("none", "density")  # the first is the default (tfg_core.segment.REFINEMENTS; torch-free here)
 GRADIENT_WEIGHTS = ("none", "cam")  # the first is the default (tfg_core.guidance.GRADIENT_WEIGHTS)
 MAP_SCALES = ("absolute", "scan")  # the first is the default (tfg_core.segment.MAP_SCALES)
+CALIBRATION_SCANS = ("nodules", "all")  # the first is the default (tfg_core.segment.CALIBRATION_SCANS)
 
 
 def _phantom(args: argparse.Namespace) -> None:
@@ -55,7 +56,8 @@ def _demo(args: argparse.Namespace) -> None:
                             density_change=args.density_change, strength=args.strength,
                             gradient_weight=args.gradient_weight, weight_power=args.weight_power)
     run_demo_folds(args.fold, out=args.out, config=config, methods=methods, progress=not args.quiet,
-                   refine=args.refine, map_scale=args.map_scale, resume=not args.fresh)
+                   refine=args.refine, map_scale=args.map_scale, calibrate_on=args.calibrate_on,
+                   resume=not args.fresh)
 
 
 def _batch(args: argparse.Namespace) -> int:
@@ -174,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--map-scale", choices=MAP_SCALES, default=MAP_SCALES[0],
                    help="every method's map thresholded as it is (default, the paper's protocol) or as a fraction of "
                         "its scan's maximum in the lung (scan)")
+    p.add_argument("--calibrate-on", choices=CALIBRATION_SCANS, default=CALIBRATION_SCANS[0],
+                   help="validation scans every method's threshold is calibrated on: those with a nodule (default, "
+                        "the scans the Dice is reported on) or all (a healthy scan scores 1 when left empty)")
     p.add_argument("--fresh", action="store_true",
                    help="run every fold again (default: a fold that finished in --out with the same parameters, "
                         "methods, predictor and flow is read back, so a killed run resumes)")

@@ -71,13 +71,14 @@ def load_shipped_predictor(fold: int):
 
 
 def _finished_key(split, predictor_path: Path, flow_path: Path, config, methods: Sequence[str], refine: str,
-                  map_scale: str) -> dict:
+                  map_scale: str, calibrate_on: str) -> dict:
     """What decides a fold's rows: the scans, the evaluation parameters, the methods and the networks' files."""
     from tfg_core.evaluate import evaluation_params, params_hash
     from tfg_core.io import sha256_file
 
     return {"fold": int(split.fold), "val": sorted(split.val), "test": sorted(split.test),
-            "params_hash": params_hash(evaluation_params(config, refine=refine, map_scale=map_scale)),
+            "params_hash": params_hash(evaluation_params(config, refine=refine, map_scale=map_scale,
+                                                              calibrate_on=calibrate_on)),
             "methods": sorted(methods), "predictor_sha256": sha256_file(predictor_path),
             "flow_sha256": sha256_file(flow_path)}
 
@@ -98,7 +99,8 @@ def _finished_rows(results: Path, finished: Path, key: dict) -> pd.DataFrame | N
 
 def segment_fold(root: Path, manifest: pd.DataFrame, annotations: pd.DataFrame, split, out: Path, predictor=None,
                  config=None, methods: Sequence[str] | None = None, progress: bool = True,
-                 refine: str = "none", map_scale: str = "absolute", resume: bool = True) -> pd.DataFrame | None:
+                 refine: str = "none", map_scale: str = "absolute", calibrate_on: str = "nodules",
+                 resume: bool = True) -> pd.DataFrame | None:
     """Guided segmentation of the held-out fold with the shipped assets; None when they are missing.
 
     A fold that finished before in ``out`` with the same parameters, methods, predictor and flow (recorded in
@@ -118,6 +120,8 @@ def segment_fold(root: Path, manifest: pd.DataFrame, annotations: pd.DataFrame, 
         refine: post-processing of every method's mask (:data:`tfg_core.segment.REFINEMENTS`).
         map_scale: every method's map as it is or as a fraction of its scan's maximum
             (:data:`tfg_core.segment.MAP_SCALES`).
+        calibrate_on: the validation scans every threshold is calibrated on
+            (:data:`tfg_core.segment.CALIBRATION_SCANS`: those with a nodule, or all).
         resume: reuse the fold's finished rows when everything that decides them is unchanged.
     """
     flow_path = ASSETS / "demo_flow.pt"
@@ -135,7 +139,8 @@ def segment_fold(root: Path, manifest: pd.DataFrame, annotations: pd.DataFrame, 
     methods = tuple(methods) if methods is not None else DEFAULT_METHODS
     results = out / f"fold{split.fold}_results.csv"
     finished = out / f"fold{split.fold}_finished.json"
-    key = _finished_key(split, shipped_predictor(split.fold), flow_path, config, methods, refine, map_scale)
+    key = _finished_key(split, shipped_predictor(split.fold), flow_path, config, methods, refine, map_scale,
+                        calibrate_on)
     if resume and (rows := _finished_rows(results, finished, key)) is not None:
         print(f"fold {split.fold}: reusing {results}, finished earlier with the same parameters, methods, predictor "
               f"and flow (--fresh runs it again)")
@@ -154,7 +159,7 @@ def segment_fold(root: Path, manifest: pd.DataFrame, annotations: pd.DataFrame, 
 
     rows, thresholds = evaluate_fold(root, manifest, annotations, split, flow, predictor, config, methods=methods,
                                      backbone="tiny", experiment="demo", on_test_case=keep, progress=progress,
-                                     refine=refine, map_scale=map_scale)
+                                     refine=refine, map_scale=map_scale, calibrate_on=calibrate_on)
     atomic_write_text(results, rows.to_csv(index=False))
     if "tfg" in methods:
         atomic_write_with(out / f"fold{split.fold}_segmentation.png", lambda tmp: _segmentation_figure(shown, tmp))
@@ -166,8 +171,9 @@ def segment_fold(root: Path, manifest: pd.DataFrame, annotations: pd.DataFrame, 
     summary["threshold"] = summary.method.map(thresholds)
     summary["val_dice"] = summary.method.map(rows.groupby("method").val_dice.first())
     summary["seconds_per_scan"] = summary.method.map(rows.groupby("method").seconds.mean())
-    print(f"\nguided segmentation, fold {split.fold} test scans with nodules "
-          f"(thresholds calibrated on the {len(split.val)} validation scans):")
+    calibration = (f"all {len(split.val)} validation scans" if calibrate_on == "all"
+                   else f"the validation scans with a nodule, of {len(split.val)}")
+    print(f"\nguided segmentation, fold {split.fold} test scans with nodules (thresholds calibrated on {calibration}):")
     print(summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     return rows
 
@@ -175,7 +181,8 @@ def segment_fold(root: Path, manifest: pd.DataFrame, annotations: pd.DataFrame, 
 def run_demo(out: str | os.PathLike = "outputs/demo", fold: int = 0, cohort: str | os.PathLike | None = None,
              config=None, methods: Sequence[str] | None = None,
              progress: bool = True, refine: str = "none",
-             map_scale: str = "absolute", resume: bool = True) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+             map_scale: str = "absolute", calibrate_on: str = "nodules",
+             resume: bool = True) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     """Run the demo on one held-out phantom fold and write a table and figures.
 
     Returns the per-scan data table and the segmentation rows (None when no predictor is shipped for the fold).
@@ -190,6 +197,8 @@ def run_demo(out: str | os.PathLike = "outputs/demo", fold: int = 0, cohort: str
         refine: post-processing of every method's mask (:data:`tfg_core.segment.REFINEMENTS`).
         map_scale: every method's map as it is or as a fraction of its scan's maximum
             (:data:`tfg_core.segment.MAP_SCALES`).
+        calibrate_on: the validation scans every threshold is calibrated on
+            (:data:`tfg_core.segment.CALIBRATION_SCANS`: those with a nodule, or all).
         resume: reuse the fold's segmentation rows when it finished before in ``out`` with the same
             parameters, methods, predictor and flow (:func:`segment_fold`).
     """
@@ -236,14 +245,16 @@ def run_demo(out: str | os.PathLike = "outputs/demo", fold: int = 0, cohort: str
           f"predictor: {ckpt.name if ckpt else 'none shipped yet'}; {time.perf_counter() - started:.1f} s")
     print(f"wrote {out / f'fold{fold}_cases.csv'} and {figure}")
     seg_rows = segment_fold(root, manifest, annotations, split, out, predictor=predictor, config=config,
-                            methods=methods, progress=progress, refine=refine, map_scale=map_scale, resume=resume)
+                            methods=methods, progress=progress, refine=refine, map_scale=map_scale,
+                            calibrate_on=calibrate_on, resume=resume)
     print(f"total {time.perf_counter() - started:.1f} s")
     return table, seg_rows
 
 
 def run_demo_folds(folds: list[int], out: str | os.PathLike = "outputs/demo", config=None,
                    methods: Sequence[str] | None = None, progress: bool = True,
-                   refine: str = "none", map_scale: str = "absolute", resume: bool = True) -> pd.DataFrame | None:
+                   refine: str = "none", map_scale: str = "absolute", calibrate_on: str = "nodules",
+                   resume: bool = True) -> pd.DataFrame | None:
     """:func:`run_demo` for several held-out folds, then one report over all their test scans.
 
     Writes ``all_folds_results.csv`` (the tidy rows of every fold run) and ``report/`` (the paper's Table 1
@@ -258,6 +269,8 @@ def run_demo_folds(folds: list[int], out: str | os.PathLike = "outputs/demo", co
         refine: post-processing of every method's mask (:data:`tfg_core.segment.REFINEMENTS`).
         map_scale: every method's map as it is or as a fraction of its scan's maximum
             (:data:`tfg_core.segment.MAP_SCALES`).
+        calibrate_on: the validation scans every threshold is calibrated on
+            (:data:`tfg_core.segment.CALIBRATION_SCANS`: those with a nodule, or all).
         resume: folds that finished before in ``out`` with the same parameters, methods, predictor and flow are
             read back instead of run again (a killed run resumes at its first unfinished fold).
     """
@@ -266,7 +279,7 @@ def run_demo_folds(folds: list[int], out: str | os.PathLike = "outputs/demo", co
     rows = []
     for fold in folds:
         _, seg = run_demo(out, fold, config=config, methods=methods, progress=progress, refine=refine,
-                          map_scale=map_scale, resume=resume)
+                          map_scale=map_scale, calibrate_on=calibrate_on, resume=resume)
         if seg is not None:  # None: no predictor shipped for this fold
             rows.append(seg)
     if not rows:

@@ -28,7 +28,7 @@ from tfg_core.flow.base import FlowModel
 from tfg_core.flow.noprior import NoPriorFlow
 from tfg_core.guidance import GuidanceConfig, run_guidance
 from tfg_core.metrics import case_metrics, peak_distance_mm
-from tfg_core.segment import (MAP_SCALES, REFINEMENTS, calibrate_threshold, difference_map, scale_map, segment,
+from tfg_core.segment import (CALIBRATION_SCANS, MAP_SCALES, REFINEMENTS, calibrate_threshold, difference_map, scale_map, segment,
                               threshold_dice_curve)
 
 METHODS = ("tfg", "no_prior", "unguided")  # the guidance and its two ablations
@@ -172,7 +172,7 @@ def params_hash(params: Mapping) -> str:
 
 def evaluation_params(config: GuidanceConfig | None = None, threshold_mode: str | Sequence[str] = "calibrated",
                       min_component_voxels: int = 0, refine: str = "none", map_scale: str = "absolute",
-                      baseline_config: BaselineConfig | None = None) -> dict:
+                      baseline_config: BaselineConfig | None = None, calibrate_on: str = CALIBRATION_SCANS[0]) -> dict:
     """Everything besides the networks and the data that decides :func:`evaluate_fold`'s rows; their
     ``params_hash`` is :func:`params_hash` of this.
 
@@ -183,12 +183,15 @@ def evaluation_params(config: GuidanceConfig | None = None, threshold_mode: str 
         refine: as in :func:`evaluate_fold`.
         map_scale: as in :func:`evaluate_fold`.
         baseline_config: as in :func:`evaluate_fold`.
+        calibrate_on: as in :func:`evaluate_fold`.
     """
     return {"guidance": asdict(config if config is not None else GuidanceConfig()),
             "threshold_mode": threshold_mode if isinstance(threshold_mode, str) else list(threshold_mode),
             "min_component_voxels": min_component_voxels,
             **({"refine": refine} if refine != "none" else {}),  # absent = none: older rows keep their hash
             **({"map_scale": map_scale} if map_scale != "absolute" else {}),
+            # absent = all: rows written before the option existed were calibrated on every validation scan
+            **({"calibrate_on": calibrate_on} if calibrate_on != "all" else {}),
             "baselines": asdict(baseline_config or BaselineConfig())}
 
 
@@ -211,6 +214,7 @@ def evaluate_fold(
     progress: bool = False,
     baseline_config: BaselineConfig | None = None,
     weakmedsam: WeakMedSam | None = None,
+    calibrate_on: str = CALIBRATION_SCANS[0],
 ) -> tuple[pd.DataFrame, dict[str, float]]:
     """Calibrate thresholds on ``split.val`` and score ``split.test`` for each method.
 
@@ -236,6 +240,10 @@ def evaluate_fold(
         progress: progress bars.
         baseline_config: baseline parameters (defaults of :class:`~tfg_core.baselines.BaselineConfig`).
         weakmedsam: WeakMedSAM refiner for ``predictor``; built from LiteMedSAM's weights when needed and None.
+        calibrate_on: which validation scans the threshold is calibrated on (:data:`CALIBRATION_SCANS`):
+            ``"nodules"`` (default) the scans with a ground-truth nodule on the model grid — the population the
+            test Dice is reported on; ``"all"`` every validation scan, a nodule-free scan counting Dice 1 when its
+            mask is empty and 0 otherwise (the threshold then also buys masks left empty on healthy scans).
 
     Returns:
         One row per (test scan, method, threshold mode) — Dice, MSD, the threshold and ``val_dice``, the mean Dice
@@ -247,6 +255,8 @@ def evaluate_fold(
         weakmedsam = WeakMedSam.from_litemedsam(predictor, config=pam)
     if map_scale not in MAP_SCALES:
         raise ValueError(f"map_scale must be one of {MAP_SCALES}, got {map_scale!r}")
+    if calibrate_on not in CALIBRATION_SCANS:
+        raise ValueError(f"calibrate_on must be one of {CALIBRATION_SCANS}, got {calibrate_on!r}")
 
     def compute(prepared: PreparedCase, seconds: dict[str, float] | None = None) -> dict[str, np.ndarray]:
         maps = difference_maps(prepared, flow, predictor, config, methods, baseline_config, weakmedsam, seconds)
@@ -272,12 +282,17 @@ def evaluate_fold(
         gts, lungs, images = [], [], []
         for uid in tqdm(split.val, disable=not progress, desc=f"fold {split.fold} validation"):
             prepared = load(uid)
+            if calibrate_on == "nodules" and not prepared.gt_grid.any():
+                continue  # not in the calibration: its maps are never computed
             maps = compute(prepared)
             for m in methods:
                 val_maps[m].append(maps[m])
             gts.append(prepared.gt_grid)
             lungs.append(prepared.lung_grid)
             images.append(prepared.grid.array)
+        if not gts:
+            raise ValueError(f"fold {split.fold}: none of its {len(split.val)} validation scans has a nodule on the "
+                             "model grid to calibrate a threshold on; use calibrate_on='all' or threshold_mode='otsu'")
         for m in methods:
             thresholds[m] = calibrate_threshold(val_maps[m], gts, lung_masks=lungs,
                                                 min_component_voxels=min_component_voxels, refine=refine, images=images)
@@ -288,7 +303,7 @@ def evaluate_fold(
             val_dice[m] = float(at_threshold[0])
 
     phash = params_hash(evaluation_params(config, threshold_mode, min_component_voxels, refine, map_scale,
-                                          baseline_config))
+                                          baseline_config, calibrate_on))
     rows = []
     for uid in tqdm(split.test, disable=not progress, desc=f"fold {split.fold} test"):
         prepared = load(uid)
@@ -309,6 +324,7 @@ def evaluate_fold(
                 rows.append({"experiment": experiment, "fold": split.fold, "seriesuid": uid, "backbone": backbone,
                              "method": m, **metrics, "threshold_mode": mode, "refine": refine,
                              "map_scale": map_scale,
+                             "calibrate_on": calibrate_on if mode == "calibrated" else "",
                              "threshold": threshold if isinstance(threshold, str) else float(threshold),
                              "val_dice": val_dice[m] if mode == "calibrated" else float("nan"),
                              "n_nodules": len(prepared.case.annotations),

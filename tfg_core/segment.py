@@ -48,6 +48,9 @@ def difference_map(x_cf: ArrayLike, x_ref: ArrayLike, mode: str = "absolute") ->
 
 
 MAP_SCALES = ("absolute", "scan")  # the first is the default everywhere
+# which validation scans a threshold is calibrated on (tfg_core.evaluate.evaluate_fold); the first is the default:
+# the scans with a nodule, the population whose Dice the tables report
+CALIBRATION_SCANS = ("nodules", "all")
 
 
 def scale_map(diff: ArrayLike, lung_mask: np.ndarray | None = None, scale: str = "absolute") -> np.ndarray:
