@@ -4,6 +4,8 @@ import pandas as pd
 import pytest
 
 from tfg_core.cli import main
+from tfg_core.data.folds import fold_split
+from tfg_core.data.luna16 import build_manifest, read_annotations
 
 
 def test_demo_runs_on_the_embedded_default(tmp_path, capsys):
@@ -48,6 +50,25 @@ def test_demo_runs_on_the_embedded_default(tmp_path, capsys):
     scaled = pd.read_csv(tmp_path / "cam_scaled" / "all_folds_results.csv")
     assert set(scaled.map_scale) == {"scan"} and set(cam.map_scale) == {"absolute"}
     assert set(scaled.params_hash).isdisjoint(cam.params_hash) and 0 < scaled.threshold.iloc[0] < 1
+    # calibrated on every validation scan instead of those with a nodule: recorded in the rows, its own hash
+    root = tmp_path / "phantom"
+    split = fold_split(build_manifest(root), 2)
+    n, k = len(split.val), len(set(split.val) & set(read_annotations(root / "annotations.csv").seriesuid))
+    assert 0 < k < n and f"thresholds calibrated on the {k} validation scans with a nodule, of {n}" in \
+        capsys.readouterr().out
+    assert main(["demo", "--out", str(tmp_path / "cam_all"), "--fold", "2", "--methods", "cam",
+                 "--calibrate-on", "all", "--quiet"]) == 0
+    assert f"thresholds calibrated on all {n} validation scans" in capsys.readouterr().out
+    on_all = pd.read_csv(tmp_path / "cam_all" / "all_folds_results.csv")
+    assert set(on_all.calibrate_on) == {"all"} and set(cam.calibrate_on) == {"nodules"}
+    assert set(on_all.params_hash).isdisjoint(cam.params_hash)
+    # a healthy validation scan counts 1 when left empty and 0 otherwise, so at one threshold the mean over all n
+    # scans is (k * the nodule scans' mean + e) / n, e of the n - k healthy scans left empty
+    val_all, val_nodules = on_all.val_dice.iloc[0], cam.val_dice.iloc[0]
+    assert n * val_all >= k * val_nodules - 1e-9  # "all" maximises its own mean, which is >= this at any threshold
+    if on_all.threshold.iloc[0] == cam.threshold.iloc[0]:
+        left_empty = n * val_all - k * val_nodules
+        assert abs(left_empty - round(left_empty)) < 1e-6 and 0 <= round(left_empty) <= n - k
 
 
 def test_demo_resumes_finished_folds_and_reruns_anything_changed_or_unfinished(tmp_path, capsys, monkeypatch):
@@ -93,8 +114,8 @@ def test_demo_resumes_finished_folds_and_reruns_anything_changed_or_unfinished(t
 
 
 def test_cli_method_names_are_the_evaluation_methods():
-    from tfg_core.cli import (ALL_DEMO_METHODS, DENSITY_CHANGES, DIFFERENCES, GRADIENT_WEIGHTS, MAP_SCALES,
-                              REFINEMENTS)
+    from tfg_core.cli import (ALL_DEMO_METHODS, CALIBRATION_SCANS, DENSITY_CHANGES, DIFFERENCES, GRADIENT_WEIGHTS,
+                              MAP_SCALES, REFINEMENTS)
     from tfg_core.demo import DEFAULT_METHODS
     from tfg_core.evaluate import ALL_METHODS
     from tfg_core.guidance import DENSITY_CHANGES as DIRECTIONS
@@ -102,6 +123,7 @@ def test_cli_method_names_are_the_evaluation_methods():
     from tfg_core.guidance import GuidanceConfig
     from tfg_core.pseudolabel import SegmentConfig
     from tfg_core.segment import DIFFERENCES as MAP_MODES
+    from tfg_core.segment import CALIBRATION_SCANS as POPULATIONS
     from tfg_core.segment import MAP_SCALES as SCALES
     from tfg_core.segment import REFINEMENTS as POSTPROCESSING
 
@@ -111,6 +133,7 @@ def test_cli_method_names_are_the_evaluation_methods():
     assert GRADIENT_WEIGHTS == WEIGHTS and GuidanceConfig().gradient_weight == GRADIENT_WEIGHTS[0]
     assert REFINEMENTS == POSTPROCESSING and SegmentConfig().refine == REFINEMENTS[0]
     assert MAP_SCALES == SCALES and SegmentConfig().map_scale == MAP_SCALES[0]
+    assert CALIBRATION_SCANS == POPULATIONS
     assert "map_scale" not in SegmentConfig().as_dict()
     assert SegmentConfig(map_scale="scan").as_dict()["map_scale"] == "scan"
     # the default leaves the resume hash of earlier runs as it was; the refinement enters it

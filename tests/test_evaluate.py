@@ -36,7 +36,8 @@ def test_protocol_with_oracle_like_maps(cohort, monkeypatch):
                  if with_nodules & set(s.val) and with_nodules & set(s.test))
     rows, thresholds = evaluate.evaluate_fold(root, manifest, annotations, split, flow=None, predictor=None,
                                               methods=("good", "bad"))
-    assert seen == split.val + split.test  # validation first (calibration), then test
+    # validation first (the calibration: by default only the scans with a nodule), then test
+    assert seen == [uid for uid in split.val if uid in with_nodules] + split.test
     assert 0.3 <= thresholds["good"] <= 0.9  # mid-plateau between the noise (< 0.2) and the nodules (≥ 1)
     assert set(rows.seriesuid) == set(split.test) and len(rows) == 2 * len(split.test)
     assert {"experiment", "fold", "seriesuid", "backbone", "method", "dsc", "msd_mm", "pred_voxels", "gt_voxels",
@@ -49,6 +50,52 @@ def test_protocol_with_oracle_like_maps(cohort, monkeypatch):
     assert summary.loc["good", "dsc_mean"] > 0.95  # back on the scan grid the mask is the ground truth
     assert summary.loc["good", "msd_median_mm"] < 1.0
     assert summary.loc["bad", "dsc_mean"] < 0.3
+
+
+def test_calibration_population_nodule_scans_or_all(cohort, monkeypatch):
+    """Default: the threshold is set on the validation scans with a nodule; "all" also buys empty healthy scans."""
+    root, manifest, annotations = cohort
+    with_nodules = set(annotations.seriesuid)
+    seen = []
+
+    def fake_maps(prepared, *args):
+        seen.append(prepared.uid)
+        rng = np.random.default_rng(zlib.crc32(prepared.uid.encode()))
+        blob = np.zeros(prepared.gt_grid.shape)
+        if not prepared.gt_grid.any():  # a healthy scan: a spurious change of 0.7 in its lung
+            lung = np.argwhere(prepared.lung_grid)
+            z, y, x = lung[len(lung) // 2]
+            blob[z - 1:z + 2, y - 2:y + 3, x - 2:x + 3] = 0.7
+        return {"blob": np.maximum(prepared.gt_grid * 1.0, blob) + 0.2 * rng.random(blob.shape)}
+
+    monkeypatch.setattr(evaluate, "difference_maps", fake_maps)
+    split = next(s for s in (fold_split(manifest, k) for k in range(10))
+                 if with_nodules & set(s.val) and set(s.val) - with_nodules and with_nodules & set(s.test)
+                 and set(s.test) - with_nodules)
+    calibrated = [uid for uid in split.val if uid in with_nodules]
+    rows, thresholds = evaluate.evaluate_fold(root, manifest, annotations, split, None, None, methods=("blob",))
+    assert seen == calibrated + split.test  # the healthy validation scans are never segmented
+    assert 0.2 < thresholds["blob"] < 0.7  # between the noise and the spurious change: it never saw the latter
+    assert set(rows.calibrate_on) == {"nodules"} and rows.val_dice.iloc[0] > 0.9
+    healthy = rows[rows.gt_voxels == 0]
+    assert (healthy.pred_voxels > 0).all()  # so the spurious change of a healthy test scan is segmented
+
+    seen.clear()
+    rows_all, thresholds_all = evaluate.evaluate_fold(root, manifest, annotations, split, None, None,
+                                                      methods=("blob",), calibrate_on="all")
+    assert seen == split.val + split.test
+    assert 0.9 < thresholds_all["blob"] < 1.0  # above the spurious change (< 0.9 with noise), below the nodules
+    assert (rows_all[rows_all.gt_voxels == 0].pred_voxels == 0).all()
+    assert set(rows_all.calibrate_on) == {"all"} and set(rows_all.params_hash).isdisjoint(rows.params_hash)
+    # "all" is what rows written before the option meant: their parameter hash is unchanged
+    assert "calibrate_on" not in evaluate.evaluation_params(calibrate_on="all")
+
+    with pytest.raises(ValueError, match="calibrate_on"):
+        evaluate.evaluate_fold(root, manifest, annotations, split, None, None, methods=("blob",),
+                               calibrate_on="healthy")
+    nodule_free = next(s for s in (fold_split(manifest, k) for k in range(10)) if not with_nodules & set(s.val))
+    with pytest.raises(ValueError, match=f"fold {nodule_free.fold}: none of its"):
+        evaluate.evaluate_fold(root, manifest, annotations, nodule_free, None, None, methods=("blob",))
 
 
 def test_otsu_mode_needs_no_validation(cohort, monkeypatch):

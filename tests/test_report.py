@@ -183,6 +183,8 @@ def test_markdown_bolds_the_best_dsc_per_backbone_and_states_n_and_p(rows):
     weak = lines["WeakMedSAM"].strip(" |").split(" | ")
     assert weak[4:7] == ["–", "–", "–"]
     assert "n = 12 over 3 folds" in text
+    # healthy scans: excluded from Dice, but how many got a mask is stated (TinyViT's TFG left all 3 empty, CAM none)
+    assert "TFG (ours) 3 (3 left empty, 0 with a mask)" in text and "CAM 3 (0 left empty, 3 with a mask)" in text
     assert "TinyViT CAM 1" in text and "Score-CAM 9" in text  # empties stated
     p = by.loc[("tinyvit", "cam"), "wilcoxon_p"]
     assert f"TinyViT CAM: p = {p:.3f} (12 pairs)" in text

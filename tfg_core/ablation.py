@@ -100,7 +100,7 @@ def subsample_split(split: FoldSplit, annotations: pd.DataFrame, max_val: int = 
 def run_ablation(root: str | os.PathLike, manifest: pd.DataFrame, annotations: pd.DataFrame, split: FoldSplit,
                  flow, predictor, settings: Sequence[AblationSetting],
                  threshold_modes: Sequence[str] = ("calibrated", "otsu"), backbone: str = "tiny",
-                 experiment: str = "ablation", progress: bool = False) -> pd.DataFrame:
+                 experiment: str = "ablation", progress: bool = False, calibrate_on: str = "nodules") -> pd.DataFrame:
     """Score every setting on one fold; tidy rows with ``parameter``, ``value`` and ``threshold_mode`` columns.
 
     Args:
@@ -115,6 +115,8 @@ def run_ablation(root: str | os.PathLike, manifest: pd.DataFrame, annotations: p
         backbone: predictor name for the rows.
         experiment: experiment name for the rows.
         progress: one bar over the settings.
+        calibrate_on: validation scans the calibrated thresholds are set on
+            (:data:`tfg_core.segment.CALIBRATION_SCANS`: those with a nodule, or all).
     """
     from tfg_core.evaluate import evaluate_fold
 
@@ -122,7 +124,7 @@ def run_ablation(root: str | os.PathLike, manifest: pd.DataFrame, annotations: p
     for setting in tqdm(settings, disable=not progress, desc=f"fold {split.fold} ablations"):
         rows, _ = evaluate_fold(root, manifest, annotations, split, flow, predictor, setting.config,
                                 methods=[setting.method], threshold_mode=threshold_modes, backbone=backbone,
-                                experiment=experiment)
+                                experiment=experiment, calibrate_on=calibrate_on)
         frames.append(rows.assign(parameter=setting.parameter, value=str(setting.value)))
     return pd.concat(frames, ignore_index=True)
 

@@ -171,8 +171,9 @@ def segment_fold(root: Path, manifest: pd.DataFrame, annotations: pd.DataFrame, 
     summary["threshold"] = summary.method.map(thresholds)
     summary["val_dice"] = summary.method.map(rows.groupby("method").val_dice.first())
     summary["seconds_per_scan"] = summary.method.map(rows.groupby("method").seconds.mean())
+    val_with_nodule = len(set(split.val) & set(annotations.seriesuid))
     calibration = (f"all {len(split.val)} validation scans" if calibrate_on == "all"
-                   else f"the validation scans with a nodule, of {len(split.val)}")
+                   else f"the {val_with_nodule} validation scans with a nodule, of {len(split.val)}")
     print(f"\nguided segmentation, fold {split.fold} test scans with nodules (thresholds calibrated on {calibration}):")
     print(summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     return rows

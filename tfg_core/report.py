@@ -310,7 +310,9 @@ def _notes(agg: pd.DataFrame, backbone_list: list, method_list: list) -> list[st
         counts.append(_per_backbone(g, label, lambda r: f"n = {int(r.n)} over {int(r.n_folds)} "
                                                         f"fold{'s' if r.n_folds != 1 else ''}"))
         excluded.append(_per_backbone(g, label, lambda r: f"{int(r.n_no_gt_excluded)} "
-                                                          f"({int(r.n_both_empty_excluded)} with both empty)"))
+                                                          f"({int(r.n_both_empty_excluded)} left empty, "
+                                                          f"{int(r.n_no_gt_excluded - r.n_both_empty_excluded)} "
+                                                          "with a mask)"))
         empties += [f"{label} {_label(METHOD_NAMES, m)} {int(r.n_empty_pred)} "
                     f"(finite-only MSD median {_fmt_msd(r.msd_median_finite_mm)} mm)"
                     for m, r in g.iterrows() if r.n_empty_pred > 0]
