@@ -1,0 +1,114 @@
+"""Failure diagnosis of guided segmentations: the stage rule, each stage on constructed maps, and the real pipeline
+reproducing its own result rows."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import tfg_core.diagnose as diagnose
+from tfg_core.ablation import subsample_split
+from tfg_core.data.cases import load_case
+from tfg_core.data.folds import fold_split
+from tfg_core.data.luna16 import build_manifest, read_annotations
+from tfg_core.data.phantom import PhantomConfig, write_cohort
+from tfg_core.diagnose import FAILURE_STAGES, diagnose_case, diagnose_rows, failure_stage
+from tfg_core.evaluate import evaluate_fold, prepare
+from tfg_core.guidance import GuidanceConfig
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    """The demo's default cohort: the shipped fold predictors were fine-tuned on its splits."""
+    root = write_cohort(tmp_path_factory.mktemp("phantom"), PhantomConfig())
+    return root, build_manifest(root), read_annotations(root / "annotations.csv")
+
+
+def test_stage_is_the_first_step_that_did_not_happen():
+    assert failure_stage(0, True, 0.9, 0.1, 0.5) == "classifier_missed"  # nothing else matters then
+    assert failure_stage(2, False, 0.9, 0.1, 0.5) == "classifier_elsewhere"
+    assert failure_stage(2, True, 0.2, 0.3, 0.5) == "prior_elsewhere"
+    assert failure_stage(2, True, 0.4, 0.3, 0.5) == "below_threshold"
+    assert failure_stage(2, True, 0.6, 0.3, 0.5) == "segmented"
+    assert failure_stage(2, True, 0.6, 0.9, 0.5) == "segmented"  # found, with a larger change elsewhere as well
+    assert set(FAILURE_STAGES) == {"classifier_missed", "classifier_elsewhere", "prior_elsewhere", "below_threshold",
+                                   "segmented"}
+
+
+def _nodule_case(cohort):
+    root, manifest, annotations = cohort
+    uid = annotations.seriesuid.iloc[0]
+    return prepare(load_case(root, manifest.set_index("seriesuid", drop=False).loc[uid], annotations))
+
+
+@pytest.mark.parametrize("scenario", ["missed", "classifier_elsewhere", "prior_elsewhere", "below", "found"])
+def test_each_stage_on_constructed_maps(cohort, monkeypatch, scenario):
+    prepared = _nodule_case(cohort)
+    gt, lung = prepared.gt_grid, prepared.lung_grid
+    far = np.zeros_like(gt)
+    z, y, x = np.argwhere(lung & ~gt)[np.argmax(np.linalg.norm(np.argwhere(lung & ~gt) - np.argwhere(gt).mean(0),
+                                                                  axis=1))]
+    far[z, y, x] = True  # the lung voxel farthest from the nodule
+    nodule_slices = np.flatnonzero(gt.any(axis=(1, 2)))
+    logits = torch.full((gt.shape[0],), -5.0)
+    if scenario != "missed":
+        logits[nodule_slices] = 5.0
+
+    def fake_logits(predictor, image, slices, batch):
+        return logits[list(slices)]
+
+    tfg = {"missed": 0.0 * gt, "classifier_elsewhere": 0.9 * gt, "prior_elsewhere": 0.2 * gt + 0.8 * far,
+           "below": 0.4 * gt + 0.1 * far, "found": 0.9 * gt + 0.1 * far}[scenario]
+    no_prior = (far if scenario == "classifier_elsewhere" else gt) * 1.0
+
+    def fake_maps(prepared, flow, predictor, config, methods):
+        assert tuple(methods) == ("tfg", "no_prior")
+        return {"tfg": tfg.astype(np.float32), "no_prior": no_prior.astype(np.float32)}
+
+    monkeypatch.setattr(diagnose, "slice_logits", fake_logits)
+    monkeypatch.setattr(diagnose, "difference_maps", fake_maps)
+    found = diagnose_case(prepared, flow=None, predictor=None, threshold=0.5)
+    expected = {"missed": "classifier_missed", "below": "below_threshold", "found": "segmented"}.get(scenario, scenario)
+    assert found["stage"] == expected
+    assert found["nodule_voxels"] == gt.sum() and found["nodule_slices"] == len(nodule_slices)
+    assert found["positive_slices_on_nodule"] == (0 if scenario == "missed" else len(nodule_slices))
+    if scenario == "classifier_elsewhere":
+        assert found["classifier_peak_mm"] > 20
+    elif scenario != "missed":
+        assert found["classifier_peak_mm"] == 0
+    # the mask of the "found" map is the nodule itself (0.9 > 0.5 > 0.1): its recomputed Dice is high
+    assert (found["dsc_again"] > 0.5) == (scenario in ("found", "classifier_elsewhere"))
+
+
+def test_refuses_a_scan_without_nodule_and_rows_of_other_parameters(cohort):
+    root, manifest, annotations = cohort
+    healthy = next(u for u in manifest.seriesuid if u not in set(annotations.seriesuid))
+    prepared = prepare(load_case(root, manifest.set_index("seriesuid", drop=False).loc[healthy], annotations))
+    with pytest.raises(ValueError, match="no nodule on the model grid"):
+        diagnose_case(prepared, flow=None, predictor=None, threshold=0.5)
+    row = {"method": "tfg", "threshold_mode": "calibrated", "gt_voxels": 10, "fold": 0, "seriesuid": healthy,
+           "dsc": 0.0, "threshold": 0.1, "refine": "none", "map_scale": "absolute", "calibrate_on": "nodules",
+           "params_hash": "0123456789ab"}
+    with pytest.raises(ValueError, match=f"fold 0 scan {healthy}: its row was made with other parameters"):
+        diagnose_rows(pd.DataFrame([row]), root, manifest, annotations, None, lambda fold: None, progress=False)
+
+
+def test_the_shipped_pipeline_reproduces_its_rows(cohort):
+    """evaluate_fold with the shipped flow and fold predictor, then the diagnosis of its rows: the same maps again."""
+    from tfg_core.experiment import load_fold_predictor
+    from tfg_core.flow.demo import load_demo_flow
+
+    root, manifest, annotations = cohort
+    torch.manual_seed(0)
+    split = subsample_split(fold_split(manifest, 0), annotations, max_val=1, max_test=2)
+    flow, predictor = load_demo_flow(), load_fold_predictor(0)
+    rows, thresholds = evaluate_fold(root, manifest, annotations, split, flow, predictor, methods=("tfg",))
+    table = diagnose_rows(rows, root, manifest, annotations, flow, load_fold_predictor, progress=False)
+    scored = rows[rows.gt_voxels > 0]
+    assert len(table) == len(scored) > 0 and list(table.seriesuid) == list(scored.seriesuid)
+    assert np.allclose(table.dsc_again, scored.dsc, atol=1e-6)
+    assert (table.threshold == thresholds["tfg"]).all() and set(table.stage) <= set(FAILURE_STAGES)
+    assert (table.positive_slices_on_nodule <= table.nodule_slices).all()
+    with pytest.raises(ValueError, match="other parameters"):
+        diagnose_rows(rows, root, manifest, annotations, flow, load_fold_predictor, GuidanceConfig(strength=2.0),
+                      progress=False)

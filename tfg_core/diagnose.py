@@ -1,0 +1,161 @@
+"""Why a guided segmentation failed on a scan: the stage of the pipeline where the nodule was lost.
+
+TFG finds a nodule only if four things happen in turn, and each can be checked on its own map:
+
+1. the slice classifier calls a slice through the nodule positive on the input (else guidance never acts there);
+2. its gradient — the no-prior map: the same classifier steps applied to the image, velocity 0 — peaks on the
+   nodule (else guidance pushes on something else);
+3. the flow turns that push into a change of the nodule: the guided − reference map is larger on the nodule than
+   anywhere else in the lung (else the prior moved other tissue or smoothed the push away);
+4. that change passes the fold's calibrated threshold.
+
+:func:`failure_stage` names the first step that did not happen; :func:`diagnose_case` measures the four on one
+scan; :func:`diagnose_rows` does it for result rows of :func:`tfg_core.evaluate.evaluate_fold` (e.g. every TFG
+row with a low Dice) and recomputes each row's Dice from the same maps, so a table that does not reproduce its
+rows is seen at once. "On the nodule" means inside the ground truth or one voxel from it, as
+``peak_on_nodule`` in the result rows.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy import ndimage
+from tqdm.auto import tqdm
+
+from tfg_core.data.cases import load_case
+from tfg_core.data.preprocess import to_scan_grid
+from tfg_core.evaluate import PreparedCase, difference_maps, evaluation_params, params_hash, prepare
+from tfg_core.guidance import GuidanceConfig, slice_logits
+from tfg_core.metrics import case_metrics
+from tfg_core.segment import scale_map, segment
+
+FAILURE_STAGES = ("classifier_missed", "classifier_elsewhere", "prior_elsewhere", "below_threshold", "segmented")
+"""Where a nodule is lost, in pipeline order; ``segmented``: its change passes the threshold (a low Dice then comes
+from the mask's extent or extra components, not from detection)."""
+
+
+def failure_stage(positive_slices_on_nodule: int, classifier_on_nodule: bool, change_on_nodule: float,
+                  change_elsewhere: float, threshold: float) -> str:
+    """The first step of the pipeline that did not happen (:data:`FAILURE_STAGES`).
+
+    Args:
+        positive_slices_on_nodule: slices through the nodule the classifier calls positive on the input.
+        classifier_on_nodule: the no-prior map's maximum lies on the nodule.
+        change_on_nodule: the largest value of the (scaled) TFG map on the nodule.
+        change_elsewhere: its largest value in the rest of the lung.
+        threshold: the calibrated threshold the map was cut at.
+    """
+    if positive_slices_on_nodule == 0:
+        return "classifier_missed"
+    if not classifier_on_nodule:
+        return "classifier_elsewhere"
+    if change_on_nodule <= change_elsewhere and change_on_nodule <= threshold:
+        return "prior_elsewhere"
+    if change_on_nodule <= threshold:
+        return "below_threshold"
+    return "segmented"
+
+
+def _peak(values: np.ndarray, where: np.ndarray) -> float:
+    return float(values[where].max()) if where.any() else 0.0
+
+
+def diagnose_case(prepared: PreparedCase, flow, predictor: torch.nn.Module, threshold: float,
+                  config: GuidanceConfig | None = None, map_scale: str = "absolute", refine: str = "none",
+                  min_component_voxels: int = 0) -> dict:
+    """Measure the four steps on one scan with a nodule and name where it was lost.
+
+    Args:
+        prepared: the scan on the model grid (:func:`tfg_core.evaluate.prepare`).
+        flow: the rectified-flow prior the rows were made with.
+        predictor: the fold's slice classifier (eval mode).
+        threshold: the fold's calibrated TFG threshold (the rows' ``threshold``).
+        config: guidance parameters (None = defaults).
+        map_scale: as in :func:`tfg_core.evaluate.evaluate_fold` (the threshold is on the scaled map).
+        refine: as in :func:`tfg_core.evaluate.evaluate_fold` (only for the recomputed Dice).
+        min_component_voxels: as in :func:`tfg_core.evaluate.evaluate_fold` (only for the recomputed Dice).
+
+    Returns:
+        ``nodule_voxels``, ``nodule_slices``, ``positive_slices`` (whole scan), ``positive_slices_on_nodule``,
+        ``max_p_on_nodule``, ``classifier_peak_mm`` (no-prior maximum to the nodule), ``change_on_nodule``,
+        ``change_elsewhere``, ``threshold``, ``stage`` and ``dsc_again`` (the TFG Dice recomputed from these maps).
+    """
+    config = config if config is not None else GuidanceConfig()
+    gt, lung = prepared.gt_grid.astype(bool), prepared.lung_grid.astype(bool)
+    if not gt.any():
+        raise ValueError(f"{prepared.uid}: no nodule on the model grid, nothing to diagnose")
+    x = torch.as_tensor(prepared.grid.array, dtype=torch.float32)
+    with torch.no_grad():
+        probs = torch.sigmoid(slice_logits(predictor, x, range(x.shape[0]), config.slice_batch)).numpy()
+    nodule_slices = np.flatnonzero(gt.reshape(len(gt), -1).any(axis=1))
+    positive = probs >= config.positive_threshold
+    maps = difference_maps(prepared, flow, predictor, config, methods=("tfg", "no_prior"))
+    tfg = scale_map(maps["tfg"], lung, map_scale)
+    spacing = [float(s) for s in prepared.grid.spacing]
+    # the rows' peak_on_nodule reading of "on the nodule": within one (largest) voxel size of the ground truth
+    distance_mm = ndimage.distance_transform_edt(~gt, sampling=spacing)
+    near = distance_mm <= max(spacing)
+    no_prior = np.where(lung, maps["no_prior"], 0.0)
+    classifier_peak_mm = (float(distance_mm[np.unravel_index(int(no_prior.argmax()), no_prior.shape)])
+                          if no_prior.max() > 0 else float("nan"))
+    on_nodule, elsewhere = _peak(tfg, near), _peak(tfg, lung & ~near)
+    mask = segment(tfg, threshold, lung, min_component_voxels, refine=refine, image=prepared.grid.array)
+    on_scan = to_scan_grid(mask.astype(np.uint8), prepared.case.volume, mode="nearest").astype(bool)
+    dsc_again = case_metrics(on_scan, prepared.case.nodule_mask, prepared.case.volume.spacing)["dsc"]
+    n_on_nodule = int(positive[nodule_slices].sum())
+    classifier_on = bool(classifier_peak_mm <= max(spacing))  # NaN (no push at all) compares False
+    return {"nodule_voxels": int(gt.sum()), "nodule_slices": len(nodule_slices),
+            "positive_slices": int(positive.sum()), "positive_slices_on_nodule": n_on_nodule,
+            "max_p_on_nodule": float(probs[nodule_slices].max()), "classifier_peak_mm": classifier_peak_mm,
+            "change_on_nodule": on_nodule, "change_elsewhere": elsewhere, "threshold": float(threshold),
+            "stage": failure_stage(n_on_nodule, classifier_on, on_nodule, elsewhere, threshold),
+            "dsc_again": float(dsc_again)}
+
+
+def diagnose_rows(rows: pd.DataFrame, root: str | os.PathLike, manifest: pd.DataFrame, annotations: pd.DataFrame,
+                  flow, load_predictor: Callable[[int], torch.nn.Module], config: GuidanceConfig | None = None,
+                  progress: bool = True) -> pd.DataFrame:
+    """:func:`diagnose_case` for each TFG result row (calibrated threshold, a nodule in the scan).
+
+    Args:
+        rows: result rows of :func:`tfg_core.evaluate.evaluate_fold` / ``tfg demo``, already filtered to the scans
+            to diagnose (e.g. ``rows[rows.dsc < 0.3]``); rows of other methods, Otsu rows and nodule-free scans are
+            skipped.
+        root: the cohort the rows were made on.
+        manifest: its manifest.
+        annotations: its annotations.
+        flow: the prior the rows were made with.
+        load_predictor: fold → the fold's predictor the rows were made with (e.g.
+            :func:`tfg_core.experiment.load_fold_predictor`).
+        config: the guidance parameters the rows were made with (None = defaults); checked against the rows'
+            ``params_hash``.
+        progress: a bar over the scans.
+
+    Returns:
+        One row per diagnosed scan: ``fold``, ``seriesuid``, ``dsc`` (as in the rows) and :func:`diagnose_case`'s
+        columns.
+    """
+    config = config if config is not None else GuidanceConfig()
+    todo = rows[(rows.method == "tfg") & (rows.threshold_mode == "calibrated") & (rows.gt_voxels > 0)]
+    by_uid = manifest.set_index("seriesuid", drop=False)
+    out, predictors = [], {}
+    for row in tqdm(list(todo.itertuples(index=False)), disable=not progress, desc="diagnosing"):
+        refine = getattr(row, "refine", "none") or "none"
+        map_scale = getattr(row, "map_scale", "absolute") or "absolute"
+        calibrate_on = getattr(row, "calibrate_on", "all") or "all"
+        expected = params_hash(evaluation_params(config, "calibrated", 0, refine, map_scale, None, calibrate_on))
+        if row.params_hash != expected:
+            raise ValueError(f"fold {row.fold} scan {row.seriesuid}: its row was made with other parameters "
+                             f"(params_hash {row.params_hash}, these guidance parameters give {expected}); pass the "
+                             "GuidanceConfig it was run with")
+        if row.fold not in predictors:
+            predictors = {row.fold: load_predictor(int(row.fold)).eval()}  # one fold's predictor in memory
+        prepared = prepare(load_case(root, by_uid.loc[row.seriesuid], annotations))
+        found = diagnose_case(prepared, flow, predictors[row.fold], float(row.threshold), config, map_scale, refine)
+        out.append({"fold": int(row.fold), "seriesuid": row.seriesuid, "dsc": float(row.dsc), **found})
+    return pd.DataFrame.from_records(out)
