@@ -65,6 +65,10 @@ def test_each_stage_on_constructed_maps(cohort, monkeypatch, scenario):
         assert tuple(methods) == ("tfg", "no_prior")
         return {"tfg": tfg.astype(np.float32), "no_prior": no_prior.astype(np.float32)}
 
+    def no_prior_only(prepared, flow, predictor, config, methods):
+        assert tuple(methods) == ("no_prior",)  # the given TFG map is not computed again
+        return {"no_prior": no_prior.astype(np.float32)}
+
     monkeypatch.setattr(diagnose, "slice_logits", fake_logits)
     monkeypatch.setattr(diagnose, "difference_maps", fake_maps)
     found = diagnose_case(prepared, flow=None, predictor=None, threshold=0.5)
@@ -78,6 +82,12 @@ def test_each_stage_on_constructed_maps(cohort, monkeypatch, scenario):
         assert found["classifier_peak_mm"] == 0
     # the mask of the "found" map is the nodule itself (0.9 > 0.5 > 0.1): its recomputed Dice is high
     assert (found["dsc_again"] > 0.5) == (scenario in ("found", "classifier_elsewhere"))
+    # a map already computed (a notebook's trajectory) is used as given, as an array or a tensor
+    monkeypatch.setattr(diagnose, "difference_maps", no_prior_only)
+    again = diagnose_case(prepared, flow=None, predictor=None, threshold=0.5, maps={"tfg": torch.as_tensor(tfg)})
+    assert again == found
+    with pytest.raises(ValueError, match="TFG map shape"):
+        diagnose_case(prepared, flow=None, predictor=None, threshold=0.5, maps={"tfg": tfg[1:]})
 
 
 def test_refuses_a_scan_without_nodule_and_rows_of_other_parameters(cohort):

@@ -98,3 +98,19 @@ def test_preprocess_finetune_and_ablation_notebooks_chain(tmp_path):
     assert (tmp_path / "report" / "ablations.png").is_file()
     pooled = pd.read_csv(tmp_path / "report" / "ablations.csv")
     assert set(pooled.threshold_mode) == {"calibrated", "otsu"} and (pooled.n >= 1).all()
+
+
+def test_guided_sampling_notebook_runs_headless_with_its_diagnosis(tmp_path):
+    """03 without widgets (papermill, as in a batch): montages, NIfTI maps, the trajectory and the failure stage."""
+    from tfg_core.diagnose import FAILURE_STAGES
+
+    pm.execute_notebook(str(NOTEBOOKS[[p.name for p in NOTEBOOKS].index("03_guided_sampling.ipynb")]),
+                        str(tmp_path / "03.ipynb"), kernel_name="python3", progress_bar=False, cwd=str(tmp_path),
+                        parameters=dict(data_root=str(tmp_path / "phantom"), out_dir=str(tmp_path / "out"),
+                                        interactive=False, progress=False, baselines=[]))
+    out = tmp_path / "out"
+    assert list(out.glob("*.png")) and list(out.glob("*_tfg_diff.nii.gz")) and list(out.glob("*_trajectory.csv"))
+    executed = nbformat.read(tmp_path / "03.ipynb", as_version=4)
+    (cell,) = [c for c in executed.cells if c.get("id") == "cell-diagnose"]
+    shown = "".join(o.get("data", {}).get("text/plain", "") for o in cell.outputs)
+    assert "positive_slices_on_nodule" in shown and any(stage in shown for stage in FAILURE_STAGES)

@@ -19,11 +19,12 @@ rows is seen at once. "On the nodule" means inside the ground truth or one voxel
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import pandas as pd
 import torch
+from numpy.typing import ArrayLike
 from scipy import ndimage
 from tqdm.auto import tqdm
 
@@ -67,7 +68,7 @@ def _peak(values: np.ndarray, where: np.ndarray) -> float:
 
 def diagnose_case(prepared: PreparedCase, flow, predictor: torch.nn.Module, threshold: float,
                   config: GuidanceConfig | None = None, map_scale: str = "absolute", refine: str = "none",
-                  min_component_voxels: int = 0) -> dict:
+                  min_component_voxels: int = 0, maps: Mapping[str, ArrayLike] | None = None) -> dict:
     """Measure the four steps on one scan with a nodule and name where it was lost.
 
     Args:
@@ -79,6 +80,8 @@ def diagnose_case(prepared: PreparedCase, flow, predictor: torch.nn.Module, thre
         map_scale: as in :func:`tfg_core.evaluate.evaluate_fold` (the threshold is on the scaled map).
         refine: as in :func:`tfg_core.evaluate.evaluate_fold` (only for the recomputed Dice).
         min_component_voxels: as in :func:`tfg_core.evaluate.evaluate_fold` (only for the recomputed Dice).
+        maps: the scan's unscaled ``"tfg"`` and/or ``"no_prior"`` maps when already computed with ``config`` (e.g.
+            a recorded trajectory's difference); the missing ones are computed.
 
     Returns:
         ``nodule_voxels``, ``nodule_slices``, ``positive_slices`` (whole scan), ``positive_slices_on_nodule``,
@@ -94,7 +97,12 @@ def diagnose_case(prepared: PreparedCase, flow, predictor: torch.nn.Module, thre
         probs = torch.sigmoid(slice_logits(predictor, x, range(x.shape[0]), config.slice_batch)).numpy()
     nodule_slices = np.flatnonzero(gt.reshape(len(gt), -1).any(axis=1))
     positive = probs >= config.positive_threshold
-    maps = difference_maps(prepared, flow, predictor, config, methods=("tfg", "no_prior"))
+    given = {name: np.asarray(value.numpy() if isinstance(value, torch.Tensor) else value, dtype=np.float32)
+             for name, value in (maps or {}).items() if name in ("tfg", "no_prior")}
+    missing = tuple(m for m in ("tfg", "no_prior") if m not in given)
+    maps = {**(difference_maps(prepared, flow, predictor, config, methods=missing) if missing else {}), **given}
+    if maps["tfg"].shape != gt.shape:
+        raise ValueError(f"{prepared.uid}: TFG map shape {maps['tfg'].shape} differs from the model grid's {gt.shape}")
     tfg = scale_map(maps["tfg"], lung, map_scale)
     spacing = [float(s) for s in prepared.grid.spacing]
     # the rows' peak_on_nodule reading of "on the nodule": within one (largest) voxel size of the ground truth
