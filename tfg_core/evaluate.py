@@ -28,8 +28,8 @@ from tfg_core.flow.base import FlowModel
 from tfg_core.flow.noprior import NoPriorFlow
 from tfg_core.guidance import GuidanceConfig, run_guidance
 from tfg_core.metrics import case_metrics, peak_distance_mm
-from tfg_core.segment import (CALIBRATION_SCANS, MAP_SCALES, REFINEMENTS, calibrate_threshold, difference_map, scale_map, segment,
-                              threshold_dice_curve)
+from tfg_core.segment import (CALIBRATION_SCANS, MAP_SCALES, REFINEMENTS, calibrate_threshold, difference_map,
+                              scale_map, segment, threshold_dice_curve)
 
 METHODS = ("tfg", "no_prior", "unguided")  # the guidance and its two ablations
 # the ideal counterfactual (phantoms only): the same scan without its nodules, through the same autoencoder
