@@ -29,10 +29,9 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from tfg_core.data.cases import load_case
-from tfg_core.data.preprocess import to_scan_grid
-from tfg_core.evaluate import PreparedCase, difference_maps, evaluation_params, params_hash, prepare
+from tfg_core.evaluate import (PreparedCase, difference_maps, evaluation_params, params_hash, prepare,
+                               score_on_scan)
 from tfg_core.guidance import GuidanceConfig, slice_logits
-from tfg_core.metrics import case_metrics
 from tfg_core.segment import scale_map, segment
 
 FAILURE_STAGES = ("classifier_missed", "classifier_elsewhere", "prior_elsewhere", "below_threshold", "segmented")
@@ -113,8 +112,7 @@ def diagnose_case(prepared: PreparedCase, flow, predictor: torch.nn.Module, thre
                           if no_prior.max() > 0 else float("nan"))
     on_nodule, elsewhere = _peak(tfg, near), _peak(tfg, lung & ~near)
     mask = segment(tfg, threshold, lung, min_component_voxels, refine=refine, image=prepared.grid.array)
-    on_scan = to_scan_grid(mask.astype(np.uint8), prepared.case.volume, mode="nearest").astype(bool)
-    dsc_again = case_metrics(on_scan, prepared.case.nodule_mask, prepared.case.volume.spacing)["dsc"]
+    dsc_again = score_on_scan(mask, prepared)["dsc"]
     n_on_nodule = int(positive[nodule_slices].sum())
     classifier_on = bool(classifier_peak_mm <= max(spacing))  # NaN (no push at all) compares False
     return {"nodule_voxels": int(gt.sum()), "nodule_slices": len(nodule_slices),

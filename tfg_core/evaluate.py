@@ -71,6 +71,18 @@ def prepare(case: Case) -> PreparedCase:
                         mask_to_model_grid(case.lung_mask, case.volume, grid) > 0)
 
 
+def score_on_scan(mask: np.ndarray, prepared: PreparedCase) -> dict[str, float | int | bool]:
+    """Dice, MSD and counts of a model-grid mask against the scan's ground truth, on the scan's own grid.
+
+    Args:
+        mask: boolean mask on the model grid.
+        prepared: the scan it was segmented on.
+    """
+    # uint8 on the way back: the reorientation goes through SimpleITK, which has no boolean pixels
+    on_scan = to_scan_grid(np.asarray(mask).astype(np.uint8), prepared.case.volume, mode="nearest").astype(bool)
+    return case_metrics(on_scan, prepared.case.nodule_mask, prepared.case.volume.spacing)
+
+
 def attach_healthy_twin(prepared: PreparedCase, cohort: PhantomConfig) -> PreparedCase:
     """Add the scan's healthy twin (the same phantom without nodules) on the model grid, for the oracle method.
 
@@ -318,9 +330,7 @@ def evaluate_fold(
                 mask = segment(maps[m], threshold, prepared.lung_grid, min_component_voxels, refine=refine,
                                image=prepared.grid.array)
                 masks.setdefault(m, mask)  # the first mode's mask goes to on_test_case
-                # uint8 on the way back: the reorientation goes through SimpleITK, which has no boolean pixels
-                on_scan = to_scan_grid(mask.astype(np.uint8), prepared.case.volume, mode="nearest").astype(bool)
-                metrics = case_metrics(on_scan, prepared.case.nodule_mask, prepared.case.volume.spacing)
+                metrics = score_on_scan(mask, prepared)
                 rows.append({"experiment": experiment, "fold": split.fold, "seriesuid": uid, "backbone": backbone,
                              "method": m, **metrics, "threshold_mode": mode, "refine": refine,
                              "map_scale": map_scale,
