@@ -1,6 +1,9 @@
 """Failure diagnosis of guided segmentations: the stage rule, each stage on constructed maps, and the real pipeline
 reproducing its own result rows."""
 
+import runpy
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -103,7 +106,7 @@ def test_refuses_a_scan_without_nodule_and_rows_of_other_parameters(cohort):
         diagnose_rows(pd.DataFrame([row]), root, manifest, annotations, None, lambda fold: None, progress=False)
 
 
-def test_the_shipped_pipeline_reproduces_its_rows(cohort):
+def test_the_shipped_pipeline_reproduces_its_rows(cohort, tmp_path, capsys):
     """evaluate_fold with the shipped flow and fold predictor, then the diagnosis of its rows: the same maps again."""
     from tfg_core.experiment import load_fold_predictor
     from tfg_core.flow.demo import load_demo_flow
@@ -122,3 +125,17 @@ def test_the_shipped_pipeline_reproduces_its_rows(cohort):
     with pytest.raises(ValueError, match="other parameters"):
         diagnose_rows(rows, root, manifest, annotations, flow, load_fold_predictor, GuidanceConfig(strength=2.0),
                       progress=False)
+    # the script over the same rows (every scan: Dice below 1.01), as the README runs it
+    results = tmp_path / "all_folds_results.csv"
+    rows.to_csv(results, index=False)
+    script = runpy.run_path(str(Path(__file__).resolve().parents[1] / "scripts" / "diagnose_tfg_failures.py"))
+    capsys.readouterr()
+    assert script["main"]([str(results), "--root", str(root), "--max-dice", "1.01"]) == 0
+    printed = capsys.readouterr().out
+    assert f"{len(scored)} of {len(scored)} TFG scans with a nodule have Dice < 1.01" in printed
+    assert "largest |Dice recomputed − Dice in the rows|: 0.0000" in printed
+    written = pd.read_csv(tmp_path / "tfg_failures.csv")
+    assert list(written.seriesuid) == list(table.seriesuid) and list(written.stage) == list(table.stage)
+    with pytest.raises(SystemExit):  # a misspelt guidance field is not silently dropped
+        script["main"]([str(results), "--root", str(root), "--max-dice", "1.01", "--guidance", '{"strenght": 2}'])
+    assert "strenght" in capsys.readouterr().err
