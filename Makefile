@@ -23,7 +23,7 @@ demo:
 test:
 	$(BIN)/python -m pytest -q -m "not browser and not retrain"
 
-# retrains a shipped asset from scratch to check its recipe (~6 min on 2 cores); kept out of `make test` for CI's time
+# retrains a shipped asset from scratch to check its recipe (~1.5 min on 2 free cores); kept out of `make test` for CI's time
 test-retrain:
 	$(BIN)/python -m pytest -q -m retrain
 

@@ -88,9 +88,9 @@ def test_shipped_fold0_predictor_detects_nodules_on_its_held_out_test_scans(coho
 
 @pytest.mark.retrain
 def test_fine_tuning_with_the_tiny_defaults_learns_the_phantom_task(cohort, tmp_path):
-    # the shipped fold-0 recipe end to end (two fine-tunes from the shipped pretrained backbone, ≈ 2–3 min on two
-    # free cores): chance is F1 ≈ 0.3, AUC 0.5; measured val F1 0.92–0.93 for each member and for the ensemble
+    # the shipped fold-0 recipe end to end (two fine-tunes from the shipped pretrained backbone, 82 s on two
+    # free cores): chance is F1 ≈ 0.3, AUC 0.5; measured 2026-12-04 (two threads): ensemble 0.929, seed 0 alone 0.911
     result = finetune_fold(cohort, 0, "tiny", out=tmp_path / "t.pt", progress=False, members=2)
     best = result["best"]
-    assert best["f1"] >= 0.88 and best["auc"] >= 0.93, result["history"]
+    assert best["f1"] >= 0.9 and best["auc"] >= 0.93, result["history"]  # #3: validation F1 ≥ 0.9
     assert all(member["f1"] >= 0.85 for member in best["members"]), best["members"]
