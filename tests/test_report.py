@@ -239,3 +239,27 @@ def test_where_the_maps_peak_is_aggregated_when_the_rows_carry_it(rows):
         assert agg.loc[(backbone, method), "peak_dist_median_mm"] == pytest.approx(g.peak_dist_mm.median())
     assert "Map maximum on the nodule" in table1_markdown(agg.reset_index())
     assert aggregate(rows.drop(columns=["peak_dist_mm", "peak_on_nodule"])).peak_on_nodule_rate.isna().all()
+
+
+def test_mean_dice_confidence_interval_is_a_seeded_bootstrap_of_the_scans(rows):
+    from scipy.stats import bootstrap
+
+    agg = aggregate(rows)
+    for r in agg.itertuples():
+        dsc = rows[(rows.backbone == r.backbone) & (rows.method == r.method) & (rows.gt_voxels > 0)].dsc.to_numpy()
+        expected = bootstrap((np.sort(dsc),), np.mean, confidence_level=0.95, n_resamples=10_000, method="percentile",
+                             rng=np.random.default_rng(0)).confidence_interval
+        assert (r.dsc_ci_low, r.dsc_ci_high) == pytest.approx((expected.low, expected.high))
+        assert r.dsc_ci_low < r.dsc_mean < r.dsc_ci_high
+    assert aggregate(rows).equals(agg)  # seeded: the same table twice
+    # the interval shrinks like 1/sqrt(n): sixteen copies of the scans give about a quarter of the width
+    dsc = rows[(rows.backbone == "tinyvit") & (rows.method == "tfg") & (rows.gt_voxels > 0)].dsc.to_numpy()
+    low, high = report.mean_ci(dsc)
+    low16, high16 = report.mean_ci(np.tile(dsc, 16))
+    assert 0.2 < (high16 - low16) / (high - low) < 0.3
+    assert all(math.isnan(v) for v in report.mean_ci([0.5]))  # one scan: no interval
+    assert report.mean_ci([0.0, 0.0, 0.0]) == (0.0, 0.0)  # no spread: the mean itself
+    text = table1_markdown(agg)
+    by = agg.set_index(["backbone", "method"])
+    tfg = by.loc[("tinyvit", "tfg")]
+    assert f"TinyViT TFG (ours) [{tfg.dsc_ci_low:.3f}, {tfg.dsc_ci_high:.3f}]" in text

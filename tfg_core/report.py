@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy.stats import wilcoxon
+from scipy.stats import bootstrap, wilcoxon
 
 from tfg_core.io import atomic_write_text, atomic_write_with
 
@@ -36,8 +36,13 @@ DEFAULT_BACKBONES = ("tinyvit", "resnet50")
 MIN_PAIRS = 6
 DSC_DDOF = 1
 MISSING = "–"
+# the mean Dice's confidence interval: a percentile bootstrap over the scored scans, seeded so a table repeats
+CI_LEVEL = 0.95
+CI_RESAMPLES = 10_000
+CI_SEED = 0
 
-AGGREGATE_COLUMNS = ["experiment", "backbone", "method", "n", "n_folds", "dsc_mean", "dsc_std", "msd_median_mm",
+AGGREGATE_COLUMNS = ["experiment", "backbone", "method", "n", "n_folds", "dsc_mean", "dsc_std", "dsc_ci_low",
+                     "dsc_ci_high", "msd_median_mm",
                      "msd_median_finite_mm", "n_empty_pred", "n_both_empty_excluded", "n_no_gt_excluded",
                      "reference_method", "n_pairs", "wilcoxon_p", "p_note", "peak_on_nodule_rate",
                      "peak_dist_median_mm"]
@@ -137,6 +142,32 @@ def _select_experiment(rows: pd.DataFrame, experiment: str | None) -> pd.DataFra
     return rows[rows["experiment"] == experiment]
 
 
+def mean_ci(values: Sequence[float] | np.ndarray, level: float = CI_LEVEL, resamples: int = CI_RESAMPLES,
+            seed: int = CI_SEED) -> tuple[float, float]:
+    """Percentile-bootstrap confidence interval of the mean (``scipy.stats.bootstrap``), reproducible by its seed.
+
+    The scans are resampled as independent cases; scans of one fold share a predictor and a threshold, which this
+    ignores, so with few folds the interval is, if anything, too narrow.
+
+    Args:
+        values: one number per scored case (e.g. each scan's Dice).
+        level: confidence level.
+        resamples: bootstrap resamples.
+        seed: random seed of the resampling.
+
+    Returns:
+        ``(low, high)``, the same for any order of ``values``; ``(nan, nan)`` with fewer than two (finite) values; ``(v, v)`` when all values equal ``v``.
+    """
+    x = np.sort(np.asarray(values, dtype=float).ravel())  # sorted: the same cases in any row order, the same interval
+    if x.size < 2 or not np.all(np.isfinite(x)):
+        return math.nan, math.nan
+    if np.all(x == x[0]):  # no spread to resample (scipy would warn and return NaN)
+        return float(x[0]), float(x[0])
+    result = bootstrap((x,), np.mean, confidence_level=level, n_resamples=resamples, method="percentile",
+                       rng=np.random.default_rng(seed))
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
 def _paired_wilcoxon(ref: pd.Series, other: pd.Series) -> tuple[int, float, str]:
     """Two-sided signed-rank test of ``ref`` vs ``other`` DSC, both indexed by (fold, seriesuid)."""
     pairs = pd.concat([ref.rename("ref"), other.rename("other")], axis=1, join="inner").dropna()
@@ -156,6 +187,8 @@ def aggregate(rows: pd.DataFrame, reference_method: str = "tfg", experiment: str
     (those where prediction and ground truth are both empty, whose Dice/MSD are undefined).
 
     - ``dsc_std`` is the sample standard deviation (``ddof=1``, NaN for n = 1), as usual for "mean ± SD".
+    - ``dsc_ci_low`` / ``dsc_ci_high``: 95 % confidence interval of the mean Dice (:func:`mean_ci`, a seeded
+      percentile bootstrap over the scored scans).
     - ``msd_median_mm`` is the median over all scored cases with an empty prediction counted as MSD = inf, so it
       is inf once half or more of the cases are empty (an honest "typically no surface at all");
       ``msd_median_finite_mm`` is the median over cases with a finite MSD only, ``n_empty_pred`` says how many
@@ -202,11 +235,13 @@ def aggregate(rows: pd.DataFrame, reference_method: str = "tfg", experiment: str
             else:
                 n_pairs, p, note = _paired_wilcoxon(dsc_by_case[backbone, reference_method],
                                                     dsc_by_case[backbone, method])
+            ci_low, ci_high = mean_ci(g["dsc"].to_numpy())
             out.append({
                 "experiment": exp_name, "backbone": backbone, "method": method,
                 "n": len(g), "n_folds": g["fold"].nunique(),
                 "dsc_mean": g["dsc"].mean() if len(g) else math.nan,
                 "dsc_std": g["dsc"].std(ddof=DSC_DDOF) if len(g) else math.nan,
+                "dsc_ci_low": ci_low, "dsc_ci_high": ci_high,
                 # np.median keeps inf: it is the true median when the middle cases have no surface
                 "msd_median_mm": float(np.median(msd)) if len(msd) else math.nan,
                 "msd_median_finite_mm": float(np.median(finite)) if len(finite) else math.nan,
@@ -302,7 +337,7 @@ def _per_backbone(g: pd.DataFrame, label: str, fmt) -> str:
 def _notes(agg: pd.DataFrame, backbone_list: list, method_list: list) -> list[str]:
     sub = agg[agg["backbone"].isin(backbone_list) & agg["method"].isin(method_list)]
     ref = sub["reference_method"].iloc[0] if len(sub) else "tfg"
-    counts, empties, excluded, tests, peaks = [], [], [], [], []
+    counts, empties, excluded, tests, peaks, intervals = [], [], [], [], [], []
     for b in backbone_list:
         g = sub[sub["backbone"] == b].set_index("method")
         g = g.loc[[m for m in method_list if m in g.index]]
@@ -317,6 +352,8 @@ def _notes(agg: pd.DataFrame, backbone_list: list, method_list: list) -> list[st
                     f"(finite-only MSD median {_fmt_msd(r.msd_median_finite_mm)} mm)"
                     for m, r in g.iterrows() if r.n_empty_pred > 0]
         tests += [f"{label} {_label(METHOD_NAMES, m)}: {_fmt_p(r)}" for m, r in g.iterrows() if m != ref]
+        intervals += [f"{label} {_label(METHOD_NAMES, m)} [{r.dsc_ci_low:.3f}, {r.dsc_ci_high:.3f}]"
+                      for m, r in g.iterrows() if np.isfinite(r.dsc_ci_low)]
         peaks += [f"{label} {_label(METHOD_NAMES, m)} {r.peak_on_nodule_rate:.0%} (median distance "
                   f"{r.peak_dist_median_mm:.1f} mm)" for m, r in g.iterrows()
                   if "peak_on_nodule_rate" in r and np.isfinite(r.peak_on_nodule_rate)]
@@ -324,6 +361,9 @@ def _notes(agg: pd.DataFrame, backbone_list: list, method_list: list) -> list[st
         "n: scans with a ground-truth nodule scored, pooled over folds. " + "; ".join(counts) + ".",
         (f"DSC: mean ± sample std (ddof={DSC_DDOF}). MSD: median over all scored scans; an empty prediction "
          "has Dice 0 and MSD = ∞ and counts in the median (∞ when half or more are empty)."),
+        (f"{CI_LEVEL:.0%} confidence interval of the mean DSC (percentile bootstrap over the scored scans, "
+         f"{CI_RESAMPLES:,} resamples, seed {CI_SEED}; scans of one fold share a predictor, which it ignores): "
+         + ("; ".join(intervals) if intervals else "none (fewer than 2 scans)") + "."),
         "Empty predictions: " + ("; ".join(empties) if empties else "none") + ".",
         "Excluded, no ground-truth nodule: " + "; ".join(excluded) + ".",
         f"Paired two-sided Wilcoxon signed-rank test on DSC vs {_label(METHOD_NAMES, ref)}, same (fold, scan) "
