@@ -156,7 +156,8 @@ def mean_ci(values: Sequence[float] | np.ndarray, level: float = CI_LEVEL, resam
         seed: random seed of the resampling.
 
     Returns:
-        ``(low, high)``, the same for any order of ``values``; ``(nan, nan)`` with fewer than two (finite) values; ``(v, v)`` when all values equal ``v``.
+        ``(low, high)``, the same for any order of ``values``; ``(nan, nan)`` with fewer than two values or a
+        non-finite one; ``(v, v)`` when all values equal ``v``.
     """
     x = np.sort(np.asarray(values, dtype=float).ravel())  # sorted: the same cases in any row order, the same interval
     if x.size < 2 or not np.all(np.isfinite(x)):
