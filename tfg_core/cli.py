@@ -14,7 +14,8 @@ from tfg_core.errors import TfgError
 ALL_DEMO_METHODS = ("tfg", "no_prior", "unguided", "cam", "gradcam", "scorecam", "ig", "oracle", "weakmedsam")
 DIFFERENCES = ("absolute", "removed")  # the first is the default
 DENSITY_CHANGES = ("decrease", "any")  # the first is the default
-REFINEMENTS = ("none", "density")  # the first is the default (tfg_core.segment.REFINEMENTS; torch-free here)
+REFINEMENTS = ("none", "density", "density_after")  # tfg_core.segment.REFINEMENTS (torch-free here)
+EVALUATION_REFINE = "density_after"  # tfg demo's default (tfg_core.segment.EVALUATION_REFINE); tfg segment: "none"
 GRADIENT_WEIGHTS = ("none", "cam")  # the first is the default (tfg_core.guidance.GRADIENT_WEIGHTS)
 MAP_SCALES = ("absolute", "scan")  # the first is the default (tfg_core.segment.MAP_SCALES)
 CALIBRATION_SCANS = ("nodules", "all")  # the first is the default (tfg_core.segment.CALIBRATION_SCANS)
@@ -170,9 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "docs/measurement_log.md), or any (the paper's)")
     _add_gradient_weight(p)
     p.add_argument("--strength", type=float, default=1.0, help="guidance step size")
-    p.add_argument("--refine", choices=REFINEMENTS, default=REFINEMENTS[0],
-                   help="post-processing of every method's mask: none (default, the paper's protocol) or density "
-                        "(each component redrawn on the scan's density, half-way between lung and its peak)")
+    p.add_argument("--refine", choices=REFINEMENTS, default=EVALUATION_REFINE,
+                   help="post-processing of every method's mask: density_after (default: each component of the mask "
+                        "at the map's calibrated threshold redrawn on the scan's density, half-way between lung and "
+                        "its peak; measured on two cohorts, docs/measurement_log.md), density (the same, the "
+                        "threshold calibrated on the redrawn masks) or none (the thresholded map, the paper's "
+                        "protocol)")
     p.add_argument("--map-scale", choices=MAP_SCALES, default=MAP_SCALES[0],
                    help="every method's map thresholded as it is (default, the paper's protocol) or as a fraction of "
                         "its scan's maximum in the lung (scan)")
@@ -252,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", default="otsu", help="'otsu' (inside the lung, label-free) or a map value")
     p.add_argument("--min-component-voxels", type=int, default=0, help="drop smaller components (model grid)")
     p.add_argument("--refine", choices=REFINEMENTS, default=REFINEMENTS[0],
-                   help="none (default) or density: each component redrawn on the scan's density")
+                   help="none (default) or density / density_after (the same here: each component redrawn on the "
+                        "scan's density; they differ only in how tfg demo calibrates a threshold)")
     p.add_argument("--map-scale", choices=MAP_SCALES, default=MAP_SCALES[0],
                    help="absolute (default) or scan: the map as a fraction of its maximum in the lung, so a numeric "
                         "--threshold is that fraction")

@@ -99,7 +99,7 @@ def _finished_rows(results: Path, finished: Path, key: dict) -> pd.DataFrame | N
 
 def segment_fold(root: Path, manifest: pd.DataFrame, annotations: pd.DataFrame, split, out: Path, predictor=None,
                  config=None, methods: Sequence[str] | None = None, progress: bool = True,
-                 refine: str = "none", map_scale: str = "absolute", calibrate_on: str = "nodules",
+                 refine: str = "density_after", map_scale: str = "absolute", calibrate_on: str = "nodules",
                  resume: bool = True) -> pd.DataFrame | None:
     """Guided segmentation of the held-out fold with the shipped assets; None when they are missing.
 
@@ -181,7 +181,7 @@ def segment_fold(root: Path, manifest: pd.DataFrame, annotations: pd.DataFrame, 
 
 def run_demo(out: str | os.PathLike = "outputs/demo", fold: int = 0, cohort: str | os.PathLike | None = None,
              config=None, methods: Sequence[str] | None = None,
-             progress: bool = True, refine: str = "none",
+             progress: bool = True, refine: str = "density_after",
              map_scale: str = "absolute", calibrate_on: str = "nodules",
              resume: bool = True) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     """Run the demo on one held-out phantom fold and write a table and figures.
@@ -254,7 +254,7 @@ def run_demo(out: str | os.PathLike = "outputs/demo", fold: int = 0, cohort: str
 
 def run_demo_folds(folds: list[int], out: str | os.PathLike = "outputs/demo", config=None,
                    methods: Sequence[str] | None = None, progress: bool = True,
-                   refine: str = "none", map_scale: str = "absolute", calibrate_on: str = "nodules",
+                   refine: str = "density_after", map_scale: str = "absolute", calibrate_on: str = "nodules",
                    resume: bool = True) -> pd.DataFrame | None:
     """:func:`run_demo` for several held-out folds, then one report over all their test scans.
 

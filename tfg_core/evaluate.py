@@ -28,8 +28,8 @@ from tfg_core.flow.base import FlowModel
 from tfg_core.flow.noprior import NoPriorFlow
 from tfg_core.guidance import GuidanceConfig, run_guidance
 from tfg_core.metrics import case_metrics, peak_distance_mm
-from tfg_core.segment import (CALIBRATION_SCANS, MAP_SCALES, REFINEMENTS, calibrate_threshold, difference_map,
-                              scale_map, segment, threshold_dice_curve)
+from tfg_core.segment import (CALIBRATION_SCANS, EVALUATION_REFINE, MAP_SCALES, REFINEMENTS, calibrate_threshold,
+                              difference_map, scale_map, segment, threshold_dice_curve)
 
 METHODS = ("tfg", "no_prior", "unguided")  # the guidance and its two ablations
 # the ideal counterfactual (phantoms only): the same scan without its nodules, through the same autoencoder
@@ -183,7 +183,7 @@ def params_hash(params: Mapping) -> str:
 
 
 def evaluation_params(config: GuidanceConfig | None = None, threshold_mode: str | Sequence[str] = "calibrated",
-                      min_component_voxels: int = 0, refine: str = "none", map_scale: str = "absolute",
+                      min_component_voxels: int = 0, refine: str = EVALUATION_REFINE, map_scale: str = "absolute",
                       baseline_config: BaselineConfig | None = None, calibrate_on: str = CALIBRATION_SCANS[0]) -> dict:
     """Everything besides the networks and the data that decides :func:`evaluate_fold`'s rows; their
     ``params_hash`` is :func:`params_hash` of this.
@@ -218,7 +218,7 @@ def evaluate_fold(
     methods: Sequence[str] = METHODS,
     threshold_mode: str | Sequence[str] = "calibrated",
     min_component_voxels: int = 0,
-    refine: str = "none",
+    refine: str = EVALUATION_REFINE,
     map_scale: str = "absolute",
     backbone: str = "tiny",
     experiment: str = "demo",
@@ -242,8 +242,10 @@ def evaluate_fold(
         threshold_mode: ``"calibrated"`` (validation Dice) or ``"otsu"`` (label-free, per scan, inside the lung), or
             both as a sequence: each map is then scored both ways (rows differ in ``threshold_mode``).
         min_component_voxels: post-processing: drop smaller components (model-grid voxels).
-        refine: post-processing: ``"density"`` redraws each component on the input's density
-            (:func:`tfg_core.segment.refine_by_density`), for every method alike; ``"none"`` (default) does not.
+        refine: post-processing of every method's mask alike (:data:`tfg_core.segment.REFINEMENTS`):
+            ``"density_after"`` (default) redraws each component of the mask at the map's own calibrated threshold on
+            the input's density (:func:`tfg_core.segment.refine_by_density`); ``"density"`` does the same with a
+            threshold calibrated on the refined masks; ``"none"`` keeps the thresholded map (the paper's protocol).
         map_scale: ``"scan"`` reads every map as a fraction of its own maximum in the lung before calibration and
             thresholding (:func:`tfg_core.segment.scale_map`), for every method alike; ``"absolute"`` (default) not.
         backbone: predictor name for the rows.
@@ -308,8 +310,9 @@ def evaluate_fold(
         for m in methods:
             thresholds[m] = calibrate_threshold(val_maps[m], gts, lung_masks=lungs,
                                                 min_component_voxels=min_component_voxels, refine=refine, images=images)
-            # the calibration's objective at its chosen threshold: lets recipes (predictors, guidance options) be
-            # compared on the validation scans, without looking at the test scans
+            # the validation Dice of the masks as the test scans get them (with "density_after" refined, though the
+            # threshold was chosen on the unrefined ones): lets recipes (predictors, guidance options) be compared on
+            # the validation scans, without looking at the test scans
             _, at_threshold = threshold_dice_curve(val_maps[m], gts, [thresholds[m]], lungs, min_component_voxels,
                                                    refine, images)
             val_dice[m] = float(at_threshold[0])
