@@ -58,7 +58,7 @@ def _demo(args: argparse.Namespace) -> None:
                             gradient_weight=args.gradient_weight, weight_power=args.weight_power)
     run_demo_folds(args.fold, out=args.out, config=config, methods=methods, progress=not args.quiet,
                    refine=args.refine, map_scale=args.map_scale, calibrate_on=args.calibrate_on,
-                   resume=not args.fresh)
+                   resume=not args.fresh, cohort_seed=args.cohort_seed)
 
 
 def _batch(args: argparse.Namespace) -> int:
@@ -183,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibrate-on", choices=CALIBRATION_SCANS, default=CALIBRATION_SCANS[0],
                    help="validation scans every method's threshold is calibrated on: those with a nodule (default, "
                         "the scans the Dice is reported on) or all (a healthy scan scores 1 when left empty)")
+    p.add_argument("--cohort-seed", type=int, default=0,
+                   help="phantom cohort: 0 (default) the evaluation cohort every choice was made on; a seed >= 2 a "
+                        "fresh cohort of the same generator for replication (1 trained the flow: refused)")
     p.add_argument("--fresh", action="store_true",
                    help="run every fold again (default: a fold that finished in --out with the same parameters, "
                         "methods, predictor and flow is read back, so a killed run resumes)")

@@ -30,11 +30,14 @@ from tfg_core.data.inventory import scan_record
 from tfg_core.data.luna16 import read_annotations
 from tfg_core.data.phantom import PhantomConfig, write_cohort
 from tfg_core.data.slices import make_stacks
+from tfg_core.errors import DataError
 from tfg_core.io import atomic_write_text, atomic_write_with
 from tfg_core.training.run import ensure_manifest
 from tfg_core.training.slice_data import slice_case_from
 
 ASSETS = Path(__file__).resolve().parent / "assets"
+# the phantom cohort the demo flow and the pretrained tiny backbone were trained on: never evaluated on
+TRAINING_SEED = 1
 _FIGURE_ORDER = ("tfg", "no_prior", "cam", "gradcam", "scorecam", "ig", "weakmedsam", "unguided", "oracle")
 # WeakMedSAM is opt-in here: LiteMedSAM's encoder takes seconds per 256×256 slice on a CPU (benchmarks/bench_baselines.py)
 DEFAULT_METHODS = ("tfg", "no_prior", "unguided", "cam", "gradcam", "scorecam", "ig", "oracle")
@@ -183,7 +186,7 @@ def run_demo(out: str | os.PathLike = "outputs/demo", fold: int = 0, cohort: str
              config=None, methods: Sequence[str] | None = None,
              progress: bool = True, refine: str = "density_after",
              map_scale: str = "absolute", calibrate_on: str = "nodules",
-             resume: bool = True) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+             resume: bool = True, cohort_seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     """Run the demo on one held-out phantom fold and write a table and figures.
 
     Returns the per-scan data table and the segmentation rows (None when no predictor is shipped for the fold).
@@ -191,7 +194,8 @@ def run_demo(out: str | os.PathLike = "outputs/demo", fold: int = 0, cohort: str
     Args:
         out: output folder.
         fold: held-out fold (LUNA16 subset) 0–9.
-        cohort: where the phantom tree lives (default ``<out>/../phantom``).
+        cohort: where the phantom tree lives (default ``<out>/../phantom``, ``<out>/../phantom_seed<k>`` for
+            another ``cohort_seed``).
         config: guidance parameters (:class:`tfg_core.guidance.GuidanceConfig`; None = its defaults).
         methods: methods to run (None: :data:`DEFAULT_METHODS`).
         progress: progress bars.
@@ -202,11 +206,17 @@ def run_demo(out: str | os.PathLike = "outputs/demo", fold: int = 0, cohort: str
             (:data:`tfg_core.segment.CALIBRATION_SCANS`: those with a nodule, or all).
         resume: reuse the fold's segmentation rows when it finished before in ``out`` with the same
             parameters, methods, predictor and flow (:func:`segment_fold`).
+        cohort_seed: phantom cohort seed: 0 (default) is the evaluation cohort every choice was made on; any seed
+            but 1 is a fresh replication cohort of the same generator, never seen in training or selection.
     """
     started = time.perf_counter()
     out = Path(out)
-    root = Path(cohort) if cohort is not None else out.parent / "phantom"
-    write_cohort(root, PhantomConfig(), progress=progress)
+    if cohort_seed == TRAINING_SEED or cohort_seed < 0:
+        raise DataError(None, f"cohort seed {cohort_seed}: evaluate on 0 (the evaluation cohort) or a fresh seed ≥ 2 "
+                        f"(seed {TRAINING_SEED} is the demo flow's and the pretrained backbone's training cohort)")
+    default_root = "phantom" if cohort_seed == 0 else f"phantom_seed{cohort_seed}"
+    root = Path(cohort) if cohort is not None else out.parent / default_root
+    write_cohort(root, PhantomConfig(seed=cohort_seed), progress=progress)
     manifest, _ = ensure_manifest(root)
     annotations = read_annotations(root / "annotations.csv")
     split = fold_split(manifest, fold)
@@ -255,7 +265,7 @@ def run_demo(out: str | os.PathLike = "outputs/demo", fold: int = 0, cohort: str
 def run_demo_folds(folds: list[int], out: str | os.PathLike = "outputs/demo", config=None,
                    methods: Sequence[str] | None = None, progress: bool = True,
                    refine: str = "density_after", map_scale: str = "absolute", calibrate_on: str = "nodules",
-                   resume: bool = True) -> pd.DataFrame | None:
+                   resume: bool = True, cohort_seed: int = 0) -> pd.DataFrame | None:
     """:func:`run_demo` for several held-out folds, then one report over all their test scans.
 
     Writes ``all_folds_results.csv`` (the tidy rows of every fold run) and ``report/`` (the paper's Table 1
@@ -274,20 +284,23 @@ def run_demo_folds(folds: list[int], out: str | os.PathLike = "outputs/demo", co
             (:data:`tfg_core.segment.CALIBRATION_SCANS`: those with a nodule, or all).
         resume: folds that finished before in ``out`` with the same parameters, methods, predictor and flow are
             read back instead of run again (a killed run resumes at its first unfinished fold).
+        cohort_seed: phantom cohort seed (:func:`run_demo`): 0 the evaluation cohort, ≥ 2 a fresh replication.
     """
     from tfg_core.report import write_report
 
     rows = []
     for fold in folds:
         _, seg = run_demo(out, fold, config=config, methods=methods, progress=progress, refine=refine,
-                          map_scale=map_scale, calibrate_on=calibrate_on, resume=resume)
+                          map_scale=map_scale, calibrate_on=calibrate_on, resume=resume,
+                          cohort_seed=cohort_seed)
         if seg is not None:  # None: no predictor shipped for this fold
             rows.append(seg)
     if not rows:
         return None
     pooled = pd.concat(rows, ignore_index=True)
     atomic_write_text(Path(out) / "all_folds_results.csv", pooled.to_csv(index=False))
-    title = f"Phantom cohort, tiny predictor, folds {', '.join(map(str, folds))}"
+    cohort = "Phantom cohort" if cohort_seed == 0 else f"Fresh phantom cohort (seed {cohort_seed})"
+    title = f"{cohort}, tiny predictor, folds {', '.join(map(str, folds))}"
     paths = write_report(pooled, Path(out) / "report", title=title)
     print("\n" + paths["table1_md"].read_text())
     print(f"wrote {Path(out) / 'all_folds_results.csv'} and {paths['table1_md']}")
