@@ -1,5 +1,6 @@
 """The README's Run command and the CLI's error handling."""
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -37,13 +38,20 @@ def test_demo_runs_on_the_embedded_default(tmp_path, capsys):
     # a baseline alone (no guided run) works too
     assert main(["demo", "--out", str(tmp_path / "cam_only"), "--fold", "2", "--methods", "cam", "--quiet"]) == 0
     cam = pd.read_csv(tmp_path / "cam_only" / "all_folds_results.csv")
-    assert set(cam.method) == {"cam"} and set(cam.refine) == {"none"}
-    # the density refinement post-processes the same maps: its own threshold, other masks, recorded in the rows
+    assert set(cam.method) == {"cam"} and set(cam.refine) == {"density_after"}  # the evaluation default
+    # the paper's protocol, the map thresholded and nothing redrawn: the same threshold (density_after calibrates
+    # on the unrefined masks), other masks, its own hash
+    assert main(["demo", "--out", str(tmp_path / "cam_plain"), "--fold", "2", "--methods", "cam",
+                 "--refine", "none", "--quiet"]) == 0
+    plain = pd.read_csv(tmp_path / "cam_plain" / "all_folds_results.csv")
+    assert set(plain.refine) == {"none"} and set(plain.params_hash).isdisjoint(cam.params_hash)
+    np.testing.assert_array_equal(plain.threshold.to_numpy(), cam.threshold.to_numpy())
+    assert (plain.pred_voxels.to_numpy() != cam.pred_voxels.to_numpy()).any()
+    # the refinement with a threshold calibrated on the refined masks: recorded in the rows, its own hash
     assert main(["demo", "--out", str(tmp_path / "cam_refined"), "--fold", "2", "--methods", "cam",
                  "--refine", "density", "--quiet"]) == 0
     refined = pd.read_csv(tmp_path / "cam_refined" / "all_folds_results.csv")
     assert set(refined.refine) == {"density"} and set(refined.params_hash).isdisjoint(cam.params_hash)
-    assert (refined.pred_voxels.to_numpy() != cam.pred_voxels.to_numpy()).any()
     # each map as a fraction of its scan's maximum: recorded in the rows, its own hash and threshold (a fraction)
     assert main(["demo", "--out", str(tmp_path / "cam_scaled"), "--fold", "2", "--methods", "cam",
                  "--map-scale", "scan", "--quiet"]) == 0
@@ -113,11 +121,29 @@ def test_demo_resumes_finished_folds_and_reruns_anything_changed_or_unfinished(t
     assert len(calls) == 6  # four changes and two untrustworthy records
 
 
+def test_demo_replicates_on_a_fresh_cohort_and_refuses_the_training_one(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--fold", "4", "--methods", "cam", "--cohort-seed", "2", "--quiet"]) == 0
+    rows = pd.read_csv(out / "all_folds_results.csv")
+    # the fresh cohort sits beside the default one and shares no scan with it (the series uids carry the seed)
+    fresh = build_manifest(tmp_path / "phantom_seed2")
+    assert set(rows.seriesuid) == set(fold_split(fresh, 4).test) and len(rows) == 10
+    assert not (tmp_path / "phantom").exists()
+    assert "Fresh phantom cohort (seed 2)" in (out / "report" / "table1.md").read_text()
+    capsys.readouterr()
+    assert main(["demo", "--out", str(out), "--fold", "4", "--cohort-seed", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "cohort seed 1" in err and "training cohort" in err and "Traceback" not in err
+
+
 def test_cli_method_names_are_the_evaluation_methods():
+    import inspect
+
     from tfg_core.cli import (ALL_DEMO_METHODS, CALIBRATION_SCANS, DENSITY_CHANGES, DIFFERENCES, GRADIENT_WEIGHTS,
-                              MAP_SCALES, REFINEMENTS)
-    from tfg_core.demo import DEFAULT_METHODS
-    from tfg_core.evaluate import ALL_METHODS
+                              MAP_SCALES, REFINEMENTS, build_parser)
+    from tfg_core.cli import EVALUATION_REFINE as DEMO_REFINE
+    from tfg_core.demo import DEFAULT_METHODS, run_demo, run_demo_folds
+    from tfg_core.evaluate import ALL_METHODS, evaluate_fold
     from tfg_core.guidance import DENSITY_CHANGES as DIRECTIONS
     from tfg_core.guidance import GRADIENT_WEIGHTS as WEIGHTS
     from tfg_core.guidance import GuidanceConfig
@@ -126,12 +152,18 @@ def test_cli_method_names_are_the_evaluation_methods():
     from tfg_core.segment import CALIBRATION_SCANS as POPULATIONS
     from tfg_core.segment import MAP_SCALES as SCALES
     from tfg_core.segment import REFINEMENTS as POSTPROCESSING
+    from tfg_core.segment import EVALUATION_REFINE
 
     assert set(ALL_DEMO_METHODS) == set(ALL_METHODS) and set(DEFAULT_METHODS) < set(ALL_METHODS)
     assert DIFFERENCES == MAP_MODES and GuidanceConfig().difference == DIFFERENCES[0]
     assert DENSITY_CHANGES == DIRECTIONS and GuidanceConfig().density_change == DENSITY_CHANGES[0]
     assert GRADIENT_WEIGHTS == WEIGHTS and GuidanceConfig().gradient_weight == GRADIENT_WEIGHTS[0]
     assert REFINEMENTS == POSTPROCESSING and SegmentConfig().refine == REFINEMENTS[0]
+    # tfg demo and evaluate_fold default to the refinement after the map's own threshold; pseudo-labels do not
+    assert EVALUATION_REFINE == DEMO_REFINE == "density_after"
+    for function in (evaluate_fold, run_demo, run_demo_folds):
+        assert inspect.signature(function).parameters["refine"].default == EVALUATION_REFINE
+    assert build_parser().parse_args(["demo"]).refine == EVALUATION_REFINE
     assert MAP_SCALES == SCALES and SegmentConfig().map_scale == MAP_SCALES[0]
     assert CALIBRATION_SCANS == POPULATIONS
     assert "map_scale" not in SegmentConfig().as_dict()

@@ -236,6 +236,32 @@ def test_density_refinement_in_segment_and_calibration(rng):
         refine_by_density(ball, bad)
 
 
+def test_density_after_keeps_the_maps_own_threshold_and_refines_what_it_detects(rng):
+    """``density_after`` (the evaluation default): calibrated like the plain map, segmented like ``density``."""
+    image, ball, vessel, lung = _lung_scene(rng)
+    blurred = np.exp(-((np.indices(ball.shape) - 8.0) ** 2).sum(0) / 18.0).astype(np.float32)
+    noisy = (blurred + rng.uniform(0, 0.05, blurred.shape)).astype(np.float32)
+    maps, gts = [blurred, noisy], [ball, ball]
+    plain = calibrate_threshold(maps, gts, lung_masks=[lung, lung])
+    after = calibrate_threshold(maps, gts, lung_masks=[lung, lung], refine="density_after", images=[image, image])
+    joint = calibrate_threshold(maps, gts, lung_masks=[lung, lung], refine="density", images=[image, image])
+    assert after == plain and joint != plain  # the refinement does not move the threshold: it only redraws
+    for m in maps:
+        a = segment(m, after, lung, refine="density_after", image=image)
+        np.testing.assert_array_equal(a, segment(m, after, lung, refine="density", image=image))
+        assert dice(a & ~vessel, ball) > 0.95
+    # the Dice curve of density_after is that of the refined masks (what the test scans get)
+    cands, curve_after = threshold_dice_curve(maps, gts, lung_masks=[lung, lung], refine="density_after",
+                                              images=[image, image])
+    _, curve_joint = threshold_dice_curve(maps, gts, cands, lung_masks=[lung, lung], refine="density",
+                                          images=[image, image])
+    np.testing.assert_allclose(curve_after, curve_joint)
+    with pytest.raises(ValueError, match="input image"):
+        segment(blurred, 0.5, lung, refine="density_after")
+    with pytest.raises(ValueError, match="refine must be one of"):
+        calibrate_threshold(maps, gts, refine="crf")
+
+
 def test_scan_scale_reads_each_map_as_a_fraction_of_its_own_maximum(rng):
     """A weak and a strong map of the same nodule: one absolute threshold loses the weak one, one fraction does not."""
     strong, gt = case(rng, (2, 2, 2))
