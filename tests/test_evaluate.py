@@ -34,8 +34,10 @@ def test_protocol_with_oracle_like_maps(cohort, monkeypatch):
     with_nodules = set(annotations.seriesuid)
     split = next(s for s in (fold_split(manifest, k) for k in range(10))
                  if with_nodules & set(s.val) and with_nodules & set(s.test))
+    # the calibration protocol on the thresholded maps themselves (refine="none"; the default refinement redraws
+    # each component on the phantom's density, which these synthetic maps know nothing of)
     rows, thresholds = evaluate.evaluate_fold(root, manifest, annotations, split, flow=None, predictor=None,
-                                              methods=("good", "bad"))
+                                              methods=("good", "bad"), refine="none")
     # validation first (the calibration: by default only the scans with a nodule), then test
     assert seen == [uid for uid in split.val if uid in with_nodules] + split.test
     assert 0.3 <= thresholds["good"] <= 0.9  # mid-plateau between the noise (< 0.2) and the nodules (≥ 1)
@@ -73,7 +75,8 @@ def test_calibration_population_nodule_scans_or_all(cohort, monkeypatch):
                  if with_nodules & set(s.val) and set(s.val) - with_nodules and with_nodules & set(s.test)
                  and set(s.test) - with_nodules)
     calibrated = [uid for uid in split.val if uid in with_nodules]
-    rows, thresholds = evaluate.evaluate_fold(root, manifest, annotations, split, None, None, methods=("blob",))
+    rows, thresholds = evaluate.evaluate_fold(root, manifest, annotations, split, None, None, methods=("blob",),
+                                              refine="none")  # the thresholded maps (the refinement drops plain lung)
     assert seen == calibrated + split.test  # the healthy validation scans are never segmented
     assert 0.2 < thresholds["blob"] < 0.7  # between the noise and the spurious change: it never saw the latter
     assert set(rows.calibrate_on) == {"nodules"} and rows.val_dice.iloc[0] > 0.9
@@ -82,7 +85,7 @@ def test_calibration_population_nodule_scans_or_all(cohort, monkeypatch):
 
     seen.clear()
     rows_all, thresholds_all = evaluate.evaluate_fold(root, manifest, annotations, split, None, None,
-                                                      methods=("blob",), calibrate_on="all")
+                                                      methods=("blob",), calibrate_on="all", refine="none")
     assert seen == split.val + split.test
     assert 0.9 < thresholds_all["blob"] < 1.0  # above the spurious change (< 0.9 with noise), below the nodules
     assert (rows_all[rows_all.gt_voxels == 0].pred_voxels == 0).all()
