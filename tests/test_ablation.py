@@ -67,7 +67,8 @@ def test_sweep_scores_every_setting_with_both_modes(cohort, monkeypatch):
     split = next(s for s in (fold_split(manifest, k) for k in range(10))
                  if with_nodules & set(s.val) and with_nodules & set(s.test))
     settings = one_at_a_time(GuidanceConfig(), {"strength": [0.1, 4.0]})
-    rows = run_ablation(root, manifest, annotations, split, None, None, settings)
+    # the thresholded maps themselves: the default refinement would redraw them on the phantom's density
+    rows = run_ablation(root, manifest, annotations, split, None, None, settings, refine="none")
     assert ("no_prior",) in {c[1] for c in calls}
     # maps once per scan, scored twice; healthy validation scans are not mapped (calibration uses the nodule scans)
     val_with_nodules = [u for u in split.val if u in with_nodules]

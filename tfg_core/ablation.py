@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from tfg_core.data.folds import FoldSplit
 from tfg_core.guidance import GuidanceConfig
+from tfg_core.segment import EVALUATION_REFINE
 
 # What 04_ablations sweeps by default (its `sweep` parameter; a test keeps them equal): values around the defaults
 DEFAULT_SWEEP: dict[str, list[Any]] = {
@@ -100,7 +101,8 @@ def subsample_split(split: FoldSplit, annotations: pd.DataFrame, max_val: int = 
 def run_ablation(root: str | os.PathLike, manifest: pd.DataFrame, annotations: pd.DataFrame, split: FoldSplit,
                  flow, predictor, settings: Sequence[AblationSetting],
                  threshold_modes: Sequence[str] = ("calibrated", "otsu"), backbone: str = "tiny",
-                 experiment: str = "ablation", progress: bool = False, calibrate_on: str = "nodules") -> pd.DataFrame:
+                 experiment: str = "ablation", progress: bool = False, calibrate_on: str = "nodules",
+                 refine: str = EVALUATION_REFINE) -> pd.DataFrame:
     """Score every setting on one fold; tidy rows with ``parameter``, ``value`` and ``threshold_mode`` columns.
 
     Args:
@@ -117,6 +119,7 @@ def run_ablation(root: str | os.PathLike, manifest: pd.DataFrame, annotations: p
         progress: one bar over the settings.
         calibrate_on: validation scans the calibrated thresholds are set on
             (:data:`tfg_core.segment.CALIBRATION_SCANS`: those with a nodule, or all).
+        refine: post-processing of every mask (:data:`tfg_core.segment.REFINEMENTS`; default the evaluation's).
     """
     from tfg_core.evaluate import evaluate_fold
 
@@ -124,7 +127,7 @@ def run_ablation(root: str | os.PathLike, manifest: pd.DataFrame, annotations: p
     for setting in tqdm(settings, disable=not progress, desc=f"fold {split.fold} ablations"):
         rows, _ = evaluate_fold(root, manifest, annotations, split, flow, predictor, setting.config,
                                 methods=[setting.method], threshold_mode=threshold_modes, backbone=backbone,
-                                experiment=experiment, calibrate_on=calibrate_on)
+                                experiment=experiment, calibrate_on=calibrate_on, refine=refine)
         frames.append(rows.assign(parameter=setting.parameter, value=str(setting.value)))
     return pd.concat(frames, ignore_index=True)
 
