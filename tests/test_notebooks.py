@@ -38,8 +38,9 @@ def test_notebooks_run_on_the_phantom_cohort(tmp_path):
     run = lambda name, **params: pm.execute_notebook(
         str(NOTEBOOKS[[p.name for p in NOTEBOOKS].index(name)]), str(tmp_path / name), parameters=params,
         kernel_name="python3", progress_bar=False, cwd=str(tmp_path))
+    # CAM alone: the notebook is glue around run_demo, whose guided run test_cli covers (a guided fold is minutes)
     run("00_quickstart.ipynb", fold=2, data_root=str(tmp_path / "phantom"), out_dir=str(tmp_path / "quick"),
-        methods=["tfg"], progress=False)
+        methods=["cam"], progress=False)
     assert (tmp_path / "quick" / "fold2_methods.png").is_file() and (tmp_path / "phantom" / "manifest.csv").is_file()
     run("05_baselines.ipynb", data_root=str(tmp_path / "phantom"), fold=2, methods=["cam", "gradcam"],
         results_dir=str(tmp_path / "results"), progress=False)
@@ -48,7 +49,7 @@ def test_notebooks_run_on_the_phantom_cohort(tmp_path):
     run("06_report.ipynb", results=[str(tmp_path / "results"), str(tmp_path / "quick" / "fold2_results.csv")],
         relabel_experiment="phantom", out_dir=str(tmp_path / "report"), title="test")
     table = (tmp_path / "report" / "table1.md").read_text()
-    assert "TFG (ours)" in table and "Grad-CAM" in table and (tmp_path / "report" / "dice.png").is_file()
+    assert "| CAM |" in table and "Grad-CAM" in table and (tmp_path / "report" / "dice.png").is_file()
     executed = nbformat.read(tmp_path / "06_report.ipynb", as_version=4)
     assert any(o.get("output_type") == "display_data" for c in executed.cells for o in c.get("outputs", []))
 
