@@ -152,8 +152,9 @@ def test_cli_dry_run_and_errors(tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.slow
-def test_chain_of_real_notebooks_hands_results_on(tmp_path):
+def test_chain_of_real_notebooks_hands_results_on(tmp_path, phantom_copy):
     """05 (baselines of a fold) then 06 (the report of the run's own results) for one fold, as one run."""
+    phantom_copy(tmp_path / "phantom")
     table = run_batch([NOTEBOOKS / "05_baselines.ipynb", NOTEBOOKS / "06_report.ipynb"], "2", "chain",
                       fixed={"data_root": str(tmp_path / "phantom"), "methods": ["cam"], "results": ["{results_dir}"],
                              "relabel_experiment": "chain"},

@@ -14,16 +14,15 @@ from tfg_core.ablation import subsample_split
 from tfg_core.data.cases import load_case
 from tfg_core.data.folds import fold_split
 from tfg_core.data.luna16 import build_manifest, read_annotations
-from tfg_core.data.phantom import PhantomConfig, write_cohort
 from tfg_core.diagnose import FAILURE_STAGES, diagnose_case, diagnose_rows, failure_stage
 from tfg_core.evaluate import evaluate_fold, prepare
 from tfg_core.guidance import GuidanceConfig
 
 
 @pytest.fixture(scope="module")
-def cohort(tmp_path_factory):
+def cohort(tmp_path_factory, phantom_copy):
     """The demo's default cohort: the shipped fold predictors were fine-tuned on its splits."""
-    root = write_cohort(tmp_path_factory.mktemp("phantom"), PhantomConfig())
+    root = phantom_copy(tmp_path_factory.mktemp("cohort") / "phantom")
     return root, build_manifest(root), read_annotations(root / "annotations.csv")
 
 

@@ -33,8 +33,9 @@ def test_committed_clean_with_one_typed_parameters_cell(path):
         assert p["inferred_type_name"] != "None" and p["help"], f"{path.name}: {name} needs a type and a comment"
 
 
-def test_notebooks_run_on_the_phantom_cohort(tmp_path):
+def test_notebooks_run_on_the_phantom_cohort(tmp_path, phantom_copy):
     """00 → 05 → 06 with tiny parameters: each writes where the next one reads."""
+    phantom_copy(tmp_path / "phantom")  # as on a second run (the demo's first-use write: test_cli)
     run = lambda name, **params: pm.execute_notebook(
         str(NOTEBOOKS[[p.name for p in NOTEBOOKS].index(name)]), str(tmp_path / name), parameters=params,
         kernel_name="python3", progress_bar=False, cwd=str(tmp_path))
@@ -65,8 +66,9 @@ def test_open_cohort_names_a_missing_luna16_tree(tmp_path):
     assert resolve_path(tmp_path) == tmp_path and resolve_path("outputs/x").is_absolute()
 
 
-def test_preprocess_finetune_and_ablation_notebooks_chain(tmp_path):
+def test_preprocess_finetune_and_ablation_notebooks_chain(tmp_path, phantom_copy):
     """01 → 02 → 04 with tiny parameters; 04 guides with the (ensemble) checkpoint 02 just wrote."""
+    phantom_copy(tmp_path / "phantom")
     run = lambda name, **params: pm.execute_notebook(
         str(NOTEBOOKS[[p.name for p in NOTEBOOKS].index(name)]), str(tmp_path / name), parameters=params,
         kernel_name="python3", progress_bar=False, cwd=str(tmp_path))
@@ -87,12 +89,12 @@ def test_preprocess_finetune_and_ablation_notebooks_chain(tmp_path):
     assert len(slices) == 2 and slices.auc.between(0, 1).all()  # this checkpoint and the shipped one
 
     run("04_ablations.ipynb", data_root=data, fold=1, checkpoint=str(tmp_path / "ft" / "tiny_fold1.pt"),
-        sweep={"strength": [2.0]}, max_val_scans=2, max_test_scans=2, results_dir=str(tmp_path / "abl"),
+        sweep={"strength": [2.0]}, max_val_scans=1, max_test_scans=1, results_dir=str(tmp_path / "abl"),
         progress=False)
     rows = pd.read_csv(tmp_path / "abl" / "fold1_tiny_ablations.csv")
     assert list(dict.fromkeys(rows.parameter)) == ["default", "strength", "no_prior"]
     assert set(rows[rows.parameter == "strength"].value.astype(float)) == {2.0}
-    assert set(rows.threshold_mode) == {"calibrated", "otsu"} and len(rows) == 3 * 2 * 2
+    assert set(rows.threshold_mode) == {"calibrated", "otsu"} and len(rows) == 3 * 2 * 1  # settings x modes x scans
     assert (tmp_path / "abl" / "fold1_tiny_ablations.png").is_file()
 
     run("06_report.ipynb", results=[], ablations=[str(tmp_path / "abl")], out_dir=str(tmp_path / "report"))
@@ -101,17 +103,30 @@ def test_preprocess_finetune_and_ablation_notebooks_chain(tmp_path):
     assert set(pooled.threshold_mode) == {"calibrated", "otsu"} and (pooled.n >= 1).all()
 
 
-def test_guided_sampling_notebook_runs_headless_with_its_diagnosis(tmp_path):
-    """03 without widgets (papermill, as in a batch): montages, NIfTI maps, the trajectory and the failure stage."""
+def test_guided_sampling_notebook_runs_headless_with_its_diagnosis(tmp_path, phantom_copy):
+    """03 without widgets (papermill, as in a batch), with few steps: montages, NIfTI maps, the trajectory and the
+    failure stage; its parameters' defaults are the guidance loop's."""
     from tfg_core.diagnose import FAILURE_STAGES
+    from tfg_core.guidance import GuidanceConfig
 
-    pm.execute_notebook(str(NOTEBOOKS[[p.name for p in NOTEBOOKS].index("03_guided_sampling.ipynb")]),
-                        str(tmp_path / "03.ipynb"), kernel_name="python3", progress_bar=False, cwd=str(tmp_path),
-                        parameters=dict(data_root=str(tmp_path / "phantom"), out_dir=str(tmp_path / "out"),
-                                        interactive=False, progress=False, baselines=[]))
+    path = NOTEBOOKS[[p.name for p in NOTEBOOKS].index("03_guided_sampling.ipynb")]
+    params = pm.inspect_notebook(str(path))
+    for name in ("start_index", "guided_steps", "strength"):
+        assert params[name]["default"] == repr(getattr(GuidanceConfig(), name))
+    phantom_copy(tmp_path / "phantom")
+    pm.execute_notebook(str(path), str(tmp_path / "03.ipynb"), kernel_name="python3", progress_bar=False,
+                        cwd=str(tmp_path), parameters=dict(
+                            data_root=str(tmp_path / "phantom"), fold=0, start_index=26, guided_steps=2,
+                            baselines=["cam"], out_dir=str(tmp_path / "out"), interactive=False, progress=False))
     out = tmp_path / "out"
-    assert list(out.glob("*.png")) and list(out.glob("*_tfg_diff.nii.gz")) and list(out.glob("*_trajectory.csv"))
+    assert len(list(out.glob("*_slices.png"))) == 1 and len(list(out.glob("*_steps.png"))) == 1
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in out.glob("*.png"))
+    assert len(list(out.glob("*_counterfactual.nii.gz"))) == 1 and len(list(out.glob("*_tfg_diff.nii.gz"))) == 1
+    steps = pd.read_csv(next(out.glob("*_trajectory.csv")))
+    assert steps.phase.value_counts().to_dict() == {"invert": 4, "guided": 2, "free": 2, "encode": 1, "final": 1}
     executed = nbformat.read(tmp_path / "03.ipynb", as_version=4)
+    shown = [o for c in executed.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(shown) == 2  # both montages displayed in the notebook
     (cell,) = [c for c in executed.cells if c.get("id") == "cell-diagnose"]
     shown = "".join(o.get("data", {}).get("text/plain", "") for o in cell.outputs)
     assert "positive_slices_on_nodule" in shown and any(stage in shown for stage in FAILURE_STAGES)

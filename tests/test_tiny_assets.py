@@ -11,7 +11,6 @@ import shutil
 import pytest
 
 from tfg_core.data.folds import fold_split
-from tfg_core.data.phantom import PhantomConfig, write_cohort
 from tfg_core.demo import ASSETS, load_shipped_predictor, shipped_predictor
 from tfg_core.errors import CheckpointError
 from tfg_core.training.finetune import evaluate
@@ -21,9 +20,9 @@ ENTRIES = json.loads((ASSETS / "assets.json").read_text()) if (ASSETS / "assets.
 
 
 @pytest.fixture(scope="module")
-def cohort(tmp_path_factory):
+def cohort(tmp_path_factory, phantom_copy):
     """The demo's default cohort (100 scans, seed 0), the one the shipped predictors were trained on."""
-    return write_cohort(tmp_path_factory.mktemp("phantom"), PhantomConfig())
+    return phantom_copy(tmp_path_factory.mktemp("cohort") / "phantom")
 
 
 def test_every_fold_has_a_listed_predictor_with_its_retraining_command():

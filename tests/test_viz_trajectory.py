@@ -1,6 +1,6 @@
 """The trajectory viewer: a cheap guidance run is recorded, the widgets are driven from Python, and what the axes
-hold is checked (image arrays, colour limits, markers, overlays); the headless path writes PNG montages, and
-notebook 03 runs under papermill.
+hold is checked (image arrays, colour limits, markers, overlays); the headless path writes PNG montages (notebook 03
+under papermill: tests/test_notebooks.py).
 
 The run is the analytic ``GaussianToyFlow`` with the hand-made blob detector of ``tests/blob_detector.py``: a
 16³ volume, a few milliseconds per step.
@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import matplotlib
 
@@ -28,7 +27,6 @@ from tfg_core.viz.slices import WINDOWS, draw_slice, overlay_images, unit_to_hu,
 from tfg_core.viz.trajectory import draw_step_montage, montage_steps, record_trajectory
 from tfg_core.viz.viewer import TrajectoryViewer
 
-REPO = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"
 SIZE = 16
 CONFIG = GuidanceConfig(num_steps=10, start_index=4, guided_steps=3, strength=2.0)
@@ -231,30 +229,4 @@ def test_module_imports_and_writes_montages_without_a_display_or_ipympl(tmp_path
     assert done.stdout.strip().lower() == "agg" and (tmp_path / "m.png").read_bytes()[:8] == PNG
 
 
-# --- the notebook ---------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.slow
-def test_notebook_03_runs_headless_and_writes_montages(tmp_path):
-    import nbformat
-    import pandas as pd
-    import papermill as pm
-
-    path = REPO / "notebooks" / "03_guided_sampling.ipynb"
-    params = pm.inspect_notebook(str(path))
-    defaults = GuidanceConfig()
-    for name in ("start_index", "guided_steps", "strength"):
-        assert params[name]["default"] == repr(getattr(defaults, name))  # the notebook's defaults are the loop's
-    tiny = {"data_root": str(tmp_path / "phantom"), "fold": 0, "start_index": 26, "guided_steps": 2,
-            "baselines": ["cam"], "out_dir": str(tmp_path / "out"), "interactive": False, "progress": False}
-    pm.execute_notebook(str(path), str(tmp_path / "03.ipynb"), parameters=tiny, kernel_name="python3",
-                        progress_bar=False, cwd=str(tmp_path))
-    out = tmp_path / "out"
-    assert len(list(out.glob("*_slices.png"))) == 1 and len(list(out.glob("*_steps.png"))) == 1
-    assert all(p.read_bytes()[:8] == PNG for p in out.glob("*.png"))
-    assert len(list(out.glob("*_counterfactual.nii.gz"))) == 1 and len(list(out.glob("*_tfg_diff.nii.gz"))) == 1
-    steps = pd.read_csv(next(out.glob("*_trajectory.csv")))
-    assert steps.phase.value_counts().to_dict() == {"invert": 4, "guided": 2, "free": 2, "encode": 1, "final": 1}
-    executed = nbformat.read(tmp_path / "03.ipynb", as_version=4)
-    shown = [o for c in executed.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
-    assert len(shown) == 2  # both montages displayed in the notebook
+# notebook 03 itself, headless: tests/test_notebooks.py::test_guided_sampling_notebook_runs_headless_with_its_diagnosis
