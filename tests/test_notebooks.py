@@ -128,5 +128,5 @@ def test_guided_sampling_notebook_runs_headless_with_its_diagnosis(tmp_path, pha
     shown = [o for c in executed.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(shown) == 2  # both montages displayed in the notebook
     (cell,) = [c for c in executed.cells if c.get("id") == "cell-diagnose"]
-    shown = "".join(o.get("data", {}).get("text/plain", "") for o in cell.outputs)
-    assert "positive_slices_on_nodule" in shown and any(stage in shown for stage in FAILURE_STAGES)
+    diagnosis = "".join(o.get("data", {}).get("text/plain", "") for o in cell.outputs)
+    assert "positive_slices_on_nodule" in diagnosis and any(stage in diagnosis for stage in FAILURE_STAGES)
