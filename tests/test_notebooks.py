@@ -10,6 +10,13 @@ import pytest
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
 
 
+def run_notebook(name: str, folder: Path, **params) -> Path:
+    """Execute notebook ``name`` with papermill in ``folder`` (its working directory and where the run is saved)."""
+    pm.execute_notebook(str(NOTEBOOKS[[p.name for p in NOTEBOOKS].index(name)]), str(folder / name),
+                        parameters=params, kernel_name="python3", progress_bar=False, cwd=str(folder))
+    return folder / name
+
+
 def test_there_are_numbered_notebooks():
     names = [p.name for p in NOTEBOOKS]
     assert {"00_quickstart.ipynb", "01_preprocess.ipynb", "02_finetune_predictor.ipynb", "03_guided_sampling.ipynb",
@@ -36,9 +43,7 @@ def test_committed_clean_with_one_typed_parameters_cell(path):
 def test_notebooks_run_on_the_phantom_cohort(tmp_path, phantom_copy):
     """00 → 05 → 06 with tiny parameters: each writes where the next one reads."""
     phantom_copy(tmp_path / "phantom")  # as on a second run (the demo's first-use write: test_cli)
-    run = lambda name, **params: pm.execute_notebook(
-        str(NOTEBOOKS[[p.name for p in NOTEBOOKS].index(name)]), str(tmp_path / name), parameters=params,
-        kernel_name="python3", progress_bar=False, cwd=str(tmp_path))
+    run = lambda name, **params: run_notebook(name, tmp_path, **params)
     # CAM alone: the notebook is glue around run_demo, whose guided run test_cli covers (a guided fold is minutes)
     run("00_quickstart.ipynb", fold=2, data_root=str(tmp_path / "phantom"), out_dir=str(tmp_path / "quick"),
         methods=["cam"], progress=False)
@@ -69,9 +74,7 @@ def test_open_cohort_names_a_missing_luna16_tree(tmp_path):
 def test_preprocess_finetune_and_ablation_notebooks_chain(tmp_path, phantom_copy):
     """01 → 02 → 04 with tiny parameters; 04 guides with the (ensemble) checkpoint 02 just wrote."""
     phantom_copy(tmp_path / "phantom")
-    run = lambda name, **params: pm.execute_notebook(
-        str(NOTEBOOKS[[p.name for p in NOTEBOOKS].index(name)]), str(tmp_path / name), parameters=params,
-        kernel_name="python3", progress_bar=False, cwd=str(tmp_path))
+    run = lambda name, **params: run_notebook(name, tmp_path, **params)
     data = str(tmp_path / "phantom")
     run("01_preprocess.ipynb", data_root=data, fold=1, out_dir=str(tmp_path / "pre"), progress=False)
     inventory = pd.read_csv(tmp_path / "pre" / "inventory.csv")
@@ -109,22 +112,20 @@ def test_guided_sampling_notebook_runs_headless_with_its_diagnosis(tmp_path, pha
     from tfg_core.diagnose import FAILURE_STAGES
     from tfg_core.guidance import GuidanceConfig
 
-    path = NOTEBOOKS[[p.name for p in NOTEBOOKS].index("03_guided_sampling.ipynb")]
-    params = pm.inspect_notebook(str(path))
+    params = pm.inspect_notebook(str(NOTEBOOKS[[p.name for p in NOTEBOOKS].index("03_guided_sampling.ipynb")]))
     for name in ("start_index", "guided_steps", "strength"):
         assert params[name]["default"] == repr(getattr(GuidanceConfig(), name))
     phantom_copy(tmp_path / "phantom")
-    pm.execute_notebook(str(path), str(tmp_path / "03.ipynb"), kernel_name="python3", progress_bar=False,
-                        cwd=str(tmp_path), parameters=dict(
-                            data_root=str(tmp_path / "phantom"), fold=0, start_index=26, guided_steps=2,
-                            baselines=["cam"], out_dir=str(tmp_path / "out"), interactive=False, progress=False))
+    executed = run_notebook("03_guided_sampling.ipynb", tmp_path, data_root=str(tmp_path / "phantom"), fold=0,
+                            start_index=26, guided_steps=2, baselines=["cam"], out_dir=str(tmp_path / "out"),
+                            interactive=False, progress=False)
     out = tmp_path / "out"
     assert len(list(out.glob("*_slices.png"))) == 1 and len(list(out.glob("*_steps.png"))) == 1
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in out.glob("*.png"))
     assert len(list(out.glob("*_counterfactual.nii.gz"))) == 1 and len(list(out.glob("*_tfg_diff.nii.gz"))) == 1
     steps = pd.read_csv(next(out.glob("*_trajectory.csv")))
     assert steps.phase.value_counts().to_dict() == {"invert": 4, "guided": 2, "free": 2, "encode": 1, "final": 1}
-    executed = nbformat.read(tmp_path / "03.ipynb", as_version=4)
+    executed = nbformat.read(executed, as_version=4)
     shown = [o for c in executed.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(shown) == 2  # both montages displayed in the notebook
     (cell,) = [c for c in executed.cells if c.get("id") == "cell-diagnose"]
