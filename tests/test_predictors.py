@@ -334,7 +334,9 @@ def test_radimagenet_checkpoint_round_trip(tmp_path):
     with torch.no_grad():
         expected = source(grey.expand(-1, 3, -1, -1) * 2 - 1)  # MONAI ResNet without fc → pooled features
         features = model.features(model.normalize(grey.expand(-1, 9, -1, -1)))
-    torch.testing.assert_close(model.head.pool(features).flatten(1), expected, atol=1e-4, rtol=1e-4)
+    # the 9-slice stem sums nine thirds where the source sums three whole weights: float32 rounding through 50
+    # layers differs by ~1e-4 and with the thread count (the features themselves are ~1 in size)
+    torch.testing.assert_close(model.head.pool(features).flatten(1), expected, atol=5e-4, rtol=1e-3)
 
 
 def test_radimagenet_bad_layout_reports_key_diff():
