@@ -29,23 +29,25 @@ def test_demo_runs_on_the_embedded_default(tmp_path, capsys):
     # test_demo_resumes_..., with CAM alone, since a second guided fold costs minutes of CI)
     cam = pd.read_csv(out / "all_folds_results.csv").query("method == 'cam'").reset_index(drop=True)
     assert len(cam) == 10 and set(cam.refine) == {"density_after"}  # the evaluation default
+    # the protocol variants below rerun the fold in the same folder (other rows, the cases table reused);
     # the paper's protocol, the map thresholded and nothing redrawn: the same threshold (density_after calibrates
     # on the unrefined masks), other masks, its own hash
-    assert main(["demo", "--out", str(tmp_path / "cam_plain"), "--fold", "2", "--methods", "cam",
+    assert main(["demo", "--out", str(out), "--fold", "2", "--methods", "cam",
                  "--refine", "none", "--quiet"]) == 0
-    plain = pd.read_csv(tmp_path / "cam_plain" / "all_folds_results.csv")
+    plain = pd.read_csv(out / "all_folds_results.csv")
+    assert f"reused {out / 'fold2_cases.csv'}" in capsys.readouterr().out
     assert set(plain.refine) == {"none"} and set(plain.params_hash).isdisjoint(cam.params_hash)
     np.testing.assert_array_equal(plain.threshold.to_numpy(), cam.threshold.to_numpy())
     assert (plain.pred_voxels.to_numpy() != cam.pred_voxels.to_numpy()).any()
     # the refinement with a threshold calibrated on the refined masks: recorded in the rows, its own hash
-    assert main(["demo", "--out", str(tmp_path / "cam_refined"), "--fold", "2", "--methods", "cam",
+    assert main(["demo", "--out", str(out), "--fold", "2", "--methods", "cam",
                  "--refine", "density", "--quiet"]) == 0
-    refined = pd.read_csv(tmp_path / "cam_refined" / "all_folds_results.csv")
+    refined = pd.read_csv(out / "all_folds_results.csv")
     assert set(refined.refine) == {"density"} and set(refined.params_hash).isdisjoint(cam.params_hash)
     # each map as a fraction of its scan's maximum: recorded in the rows, its own hash and threshold (a fraction)
-    assert main(["demo", "--out", str(tmp_path / "cam_scaled"), "--fold", "2", "--methods", "cam",
+    assert main(["demo", "--out", str(out), "--fold", "2", "--methods", "cam",
                  "--map-scale", "scan", "--quiet"]) == 0
-    scaled = pd.read_csv(tmp_path / "cam_scaled" / "all_folds_results.csv")
+    scaled = pd.read_csv(out / "all_folds_results.csv")
     assert set(scaled.map_scale) == {"scan"} and set(cam.map_scale) == {"absolute"}
     assert set(scaled.params_hash).isdisjoint(cam.params_hash) and 0 < scaled.threshold.iloc[0] < 1
     # calibrated on every validation scan instead of those with a nodule: recorded in the rows, its own hash
@@ -54,10 +56,10 @@ def test_demo_runs_on_the_embedded_default(tmp_path, capsys):
     n, k = len(split.val), len(set(split.val) & set(read_annotations(root / "annotations.csv").seriesuid))
     assert 0 < k < n and f"thresholds calibrated on the {k} validation scans with a nodule, of {n}" in \
         capsys.readouterr().out
-    assert main(["demo", "--out", str(tmp_path / "cam_all"), "--fold", "2", "--methods", "cam",
+    assert main(["demo", "--out", str(out), "--fold", "2", "--methods", "cam",
                  "--calibrate-on", "all", "--quiet"]) == 0
     assert f"thresholds calibrated on all {n} validation scans" in capsys.readouterr().out
-    on_all = pd.read_csv(tmp_path / "cam_all" / "all_folds_results.csv")
+    on_all = pd.read_csv(out / "all_folds_results.csv")
     assert set(on_all.calibrate_on) == {"all"} and set(cam.calibrate_on) == {"nodules"}
     assert set(on_all.params_hash).isdisjoint(cam.params_hash)
     # a healthy validation scan counts 1 when left empty and 0 otherwise, so at one threshold the mean over all n
@@ -95,6 +97,7 @@ def test_demo_resumes_finished_folds_and_reruns_anything_changed_or_unfinished(t
     pd.testing.assert_frame_equal(pooled[pooled.fold == 2].reset_index(drop=True), first)
     printed = capsys.readouterr().out
     assert "folds 2, 3" in printed and "fold 2: reusing" in printed and "fold 3: reusing" not in printed
+    assert f"reused {out / 'fold2_cases.csv'}" in printed and f"wrote {out / 'fold3_cases.csv'}" in printed
 
     calls = []
 
@@ -111,11 +114,21 @@ def test_demo_resumes_finished_folds_and_reruns_anything_changed_or_unfinished(t
     # anything that decides the rows, --fresh, or a fold that never finished: it runs again (every option that
     # decides the rows enters params_hash, the test above; here one protocol option and one guidance parameter)
     for changed in (["--fresh"], ["--refine", "density"], ["--strength", "2"]):
+        capsys.readouterr()
         with pytest.raises(RuntimeError, match="evaluate_fold ran"):
             main(args + changed)
+        # the cases table depends on the scans and the predictor only: --fresh alone builds it again
+        built = f"wrote {out / 'fold2_cases.csv'}" in capsys.readouterr().out
+        assert built == (changed == ["--fresh"]) and pd.read_csv(out / "fold2_cases.csv").equals(table)
+    cases_key = out / "fold2_cases.json"
+    stale = json.loads(cases_key.read_text())
+    assert stale["predictor_sha256"] == key["predictor_sha256"] and stale["cohort"]["seed"] == 0
+    cases_key.write_text(json.dumps({**stale, "predictor_sha256": "0" * 64}))  # as if another predictor had made it
     assert not finished.exists()  # the first rerun started over: the old rows no longer count as finished
     finished.write_text(json.dumps(key))
+    capsys.readouterr()
     assert main(args) == 0
+    assert f"wrote {out / 'fold2_cases.csv'}" in capsys.readouterr().out and json.loads(cases_key.read_text()) == stale
     finished.write_text("{not json")  # e.g. the disk filled up mid-write of an older version
     with pytest.raises(RuntimeError):
         main(args)

@@ -9,8 +9,9 @@
 3. the baselines on the same predictor and protocol (CAM, Grad-CAM, Score-CAM, Integrated Gradients, WeakMedSAM
    with LiteMedSAM's real prompt encoder and decoder), a side-by-side figure, and the paper's Table 1 layout over
    the folds run (``report/``).
-Results are written atomically under ``out``; a rerun reuses the cohort and every fold that finished with the
-same parameters, methods and networks (``fold<k>_finished.json``).
+Results are written atomically under ``out``; a rerun reuses the cohort, each fold's cases table and overview
+(``fold<k>_cases.json``: same cohort, scans and predictor) and every fold that finished with the same parameters,
+methods and networks (``fold<k>_finished.json``).
 """
 
 from __future__ import annotations
@@ -204,8 +205,9 @@ def run_demo(out: str | os.PathLike = "outputs/demo", fold: int = 0, cohort: str
             (:data:`tfg_core.segment.MAP_SCALES`).
         calibrate_on: the validation scans every threshold is calibrated on
             (:data:`tfg_core.segment.CALIBRATION_SCANS`: those with a nodule, or all).
-        resume: reuse the fold's segmentation rows when it finished before in ``out`` with the same
-            parameters, methods, predictor and flow (:func:`segment_fold`).
+        resume: reuse the fold's cases table and overview figure when ``out`` holds them for the same cohort,
+            test scans and predictor (``fold<k>_cases.json``), and its segmentation rows when it finished before
+            with the same parameters, methods, predictor and flow (:func:`segment_fold`).
         cohort_seed: phantom cohort seed: 0 (default) is the evaluation cohort every choice was made on; any seed
             but 1 is a fresh replication cohort of the same generator, never seen in training or selection.
     """
@@ -222,39 +224,22 @@ def run_demo(out: str | os.PathLike = "outputs/demo", fold: int = 0, cohort: str
     split = fold_split(manifest, fold)
     rows = manifest.set_index("seriesuid", drop=False)
 
-    predictor = None
     ckpt = shipped_predictor(fold)
-    if ckpt is not None:
-        from tfg_core.training.finetune import predict_slices
-
-        predictor = load_shipped_predictor(fold)
+    predictor = load_shipped_predictor(fold) if ckpt is not None else None
     out.mkdir(parents=True, exist_ok=True)
 
-    records, cases = [], []
-    for uid in split.test:
-        case = load_case(root, rows.loc[uid], annotations)
-        sc = slice_case_from(case)  # the model-grid volume and its weak slice labels
-        stacks = make_stacks(sc.volume)
-        facts = scan_record(case, sc)
-        rec = {"fold": fold, "seriesuid": uid, "flipped": bool(rows.loc[uid, "flipped"]),
-               **{k: facts[k] for k in ("shape", "model_grid", "spacing_mm", "n_nodules", "nodule_voxels",
-                                        "positive_slices", "lung_fraction")},
-               "stacks": "x".join(map(str, stacks.shape))}
-        if predictor is not None:
-            probs = predict_slices(predictor, sc, size=predictor.input_size)
-            rec["slice_acc"] = round(float(np.mean((probs >= 0.5) == sc.labels)), 3)
-        records.append(rec)
-        cases.append((case, sc, probs if predictor is not None else None))
-    table = pd.DataFrame.from_records(records)
-    atomic_write_text(out / f"fold{fold}_cases.csv", table.to_csv(index=False))
-    figure = out / f"fold{fold}_overview.png"
-    atomic_write_with(figure, lambda tmp: _overview_figure(cases, tmp))
+    cases_key = _cases_key(root, split, ckpt)
+    table = _reused_cases(out, fold, cases_key) if resume else None
+    reused = table is not None
+    if not reused:
+        table = _write_cases(root, rows, annotations, split, predictor, out, cases_key)
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(table.drop(columns=["seriesuid"]).to_string(index=False))
     print(f"\nfold {fold}: {len(split.train)} train / {len(split.val)} val / {len(split.test)} test scans; "
           f"{int(table['n_nodules'].sum())} nodules in the test fold; "
           f"predictor: {ckpt.name if ckpt else 'none shipped yet'}; {time.perf_counter() - started:.1f} s")
-    print(f"wrote {out / f'fold{fold}_cases.csv'} and {figure}")
+    print(f"{'reused' if reused else 'wrote'} {out / f'fold{fold}_cases.csv'} and {out / f'fold{fold}_overview.png'}"
+          + (" (same scans, cohort and predictor as before)" if reused else ""))
     seg_rows = segment_fold(root, manifest, annotations, split, out, predictor=predictor, config=config,
                             methods=methods, progress=progress, refine=refine, map_scale=map_scale,
                             calibrate_on=calibrate_on, resume=resume)
@@ -305,6 +290,62 @@ def run_demo_folds(folds: list[int], out: str | os.PathLike = "outputs/demo", co
     print("\n" + paths["table1_md"].read_text())
     print(f"wrote {Path(out) / 'all_folds_results.csv'} and {paths['table1_md']}")
     return pooled
+
+
+def _cases_key(root: Path, split, predictor_path: Path | None) -> dict:
+    """What decides a fold's cases table and overview figure: the cohort, the test scans and the predictor's file."""
+    from dataclasses import asdict
+
+    from tfg_core.data.phantom import read_cohort_config
+    from tfg_core.io import sha256_file
+
+    key = {"cohort": asdict(read_cohort_config(root)), "fold": int(split.fold), "test": sorted(split.test),
+           "predictor_sha256": sha256_file(predictor_path) if predictor_path is not None else None}
+    return json.loads(json.dumps(key))  # as it reads back from disk (tuples become lists)
+
+
+def _reused_cases(out: Path, fold: int, key: dict) -> pd.DataFrame | None:
+    """The fold's cases table from an earlier run with the same ``key`` (its figure on disk too); else None."""
+    try:
+        if json.loads((out / f"fold{fold}_cases.json").read_text()) != key:
+            return None
+        if not (out / f"fold{fold}_overview.png").is_file():
+            return None
+        table = pd.read_csv(out / f"fold{fold}_cases.csv")
+    except (OSError, ValueError):  # missing or half-written: build it again
+        return None
+    return table if sorted(table.get("seriesuid", ())) == key["test"] else None
+
+
+def _write_cases(root: Path, rows: pd.DataFrame, annotations: pd.DataFrame, split, predictor, out: Path,
+                 key: dict) -> pd.DataFrame:
+    """Per test scan its geometry, model grid, nodules, weak slice labels, stacks and the predictor's slice
+    accuracy; written with the overview figure, then ``key`` (last, so a killed write is rebuilt)."""
+    fold = int(split.fold)
+    (out / f"fold{fold}_cases.json").unlink(missing_ok=True)
+    records, cases = [], []
+    for uid in split.test:
+        case = load_case(root, rows.loc[uid], annotations)
+        sc = slice_case_from(case)  # the model-grid volume and its weak slice labels
+        stacks = make_stacks(sc.volume)
+        facts = scan_record(case, sc)
+        rec = {"fold": fold, "seriesuid": uid, "flipped": bool(rows.loc[uid, "flipped"]),
+               **{k: facts[k] for k in ("shape", "model_grid", "spacing_mm", "n_nodules", "nodule_voxels",
+                                        "positive_slices", "lung_fraction")},
+               "stacks": "x".join(map(str, stacks.shape))}
+        probs = None
+        if predictor is not None:
+            from tfg_core.training.finetune import predict_slices
+
+            probs = predict_slices(predictor, sc, size=predictor.input_size)
+            rec["slice_acc"] = round(float(np.mean((probs >= 0.5) == sc.labels)), 3)
+        records.append(rec)
+        cases.append((case, sc, probs))
+    table = pd.DataFrame.from_records(records)
+    atomic_write_text(out / f"fold{fold}_cases.csv", table.to_csv(index=False))
+    atomic_write_with(out / f"fold{fold}_overview.png", lambda tmp: _overview_figure(cases, tmp))
+    atomic_write_text(out / f"fold{fold}_cases.json", json.dumps(key, indent=1))
+    return table
 
 
 def _segmentation_figure(shown, path: Path, max_cases: int = 6) -> None:
