@@ -321,6 +321,8 @@ def _write_cases(root: Path, rows: pd.DataFrame, annotations: pd.DataFrame, spli
                  key: dict) -> pd.DataFrame:
     """Per test scan its geometry, model grid, nodules, weak slice labels, stacks and the predictor's slice
     accuracy; written with the overview figure, then ``key`` (last, so a killed write is rebuilt)."""
+    from tfg_core.training.finetune import predict_slices
+
     fold = int(split.fold)
     (out / f"fold{fold}_cases.json").unlink(missing_ok=True)
     records, cases = [], []
@@ -335,8 +337,6 @@ def _write_cases(root: Path, rows: pd.DataFrame, annotations: pd.DataFrame, spli
                "stacks": "x".join(map(str, stacks.shape))}
         probs = None
         if predictor is not None:
-            from tfg_core.training.finetune import predict_slices
-
             probs = predict_slices(predictor, sc, size=predictor.input_size)
             rec["slice_acc"] = round(float(np.mean((probs >= 0.5) == sc.labels)), 3)
         records.append(rec)
