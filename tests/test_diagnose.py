@@ -112,7 +112,7 @@ def test_the_shipped_pipeline_reproduces_its_rows(cohort, tmp_path, capsys):
 
     root, manifest, annotations = cohort
     torch.manual_seed(0)
-    split = subsample_split(fold_split(manifest, 0), annotations, max_val=1, max_test=2)
+    split = subsample_split(fold_split(manifest, 0), annotations, max_val=1, max_test=1)  # a nodule scan first
     flow, predictor = load_demo_flow(), load_fold_predictor(0)
     rows, thresholds = evaluate_fold(root, manifest, annotations, split, flow, predictor, methods=("tfg",))
     table = diagnose_rows(rows, root, manifest, annotations, flow, load_fold_predictor, progress=False)
