@@ -121,14 +121,14 @@ def test_demo_resumes_finished_folds_and_reruns_anything_changed_or_unfinished(t
         built = f"wrote {out / 'fold2_cases.csv'}" in capsys.readouterr().out
         assert built == (changed == ["--fresh"]) and pd.read_csv(out / "fold2_cases.csv").equals(table)
     cases_key = out / "fold2_cases.json"
-    stale = json.loads(cases_key.read_text())
-    assert stale["predictor_sha256"] == key["predictor_sha256"] and stale["cohort"]["seed"] == 0
-    cases_key.write_text(json.dumps({**stale, "predictor_sha256": "0" * 64}))  # as if another predictor had made it
+    made_with = json.loads(cases_key.read_text())
+    assert made_with["predictor_sha256"] == key["predictor_sha256"] and made_with["cohort"]["seed"] == 0
+    cases_key.write_text(json.dumps({**made_with, "predictor_sha256": "0" * 64}))  # as if another predictor had made it
     assert not finished.exists()  # the first rerun started over: the old rows no longer count as finished
     finished.write_text(json.dumps(key))
     capsys.readouterr()
     assert main(args) == 0
-    assert f"wrote {out / 'fold2_cases.csv'}" in capsys.readouterr().out and json.loads(cases_key.read_text()) == stale
+    assert f"wrote {out / 'fold2_cases.csv'}" in capsys.readouterr().out and json.loads(cases_key.read_text()) == made_with
     finished.write_text("{not json")  # e.g. the disk filled up mid-write of an older version
     with pytest.raises(RuntimeError):
         main(args)
