@@ -35,10 +35,13 @@ class _DeferredModule(types.ModuleType):
         return getattr(self.load(), name)
 
     def load(self) -> types.ModuleType:
-        """Import the real module (it replaces this one in ``sys.modules``) and return it."""
-        if sys.modules.get(MODULE) is self:
-            del sys.modules[MODULE]
-        return importlib.import_module(MODULE)
+        """Import the real module (it replaces this one in ``sys.modules``) and return it; once per process."""
+        real = self.__dict__.get("_real")
+        if real is None:  # jsonschema keeps the deferred function: later checks must not repeat the import lookup
+            if sys.modules.get(MODULE) is self:
+                del sys.modules[MODULE]
+            real = self._real = importlib.import_module(MODULE)
+        return real
 
 
 def defer_rfc3987_syntax() -> bool:
