@@ -25,6 +25,10 @@ def test_demo_runs_on_the_embedded_default(tmp_path, capsys):
     assert "TFG (ours)" in table1 and "CAM" in table1 and "tiny (CPU demo)" in table1
     aggregate = pd.read_csv(out / "report" / "aggregate.csv").set_index("method")
     assert aggregate.loc["cam", "n_pairs"] == aggregate.loc["tfg", "n"]  # paired over the same scans
+    # the same scans split by nodule size (the cohort's annotations): every scored scan in exactly one range
+    by_size = pd.read_csv(out / "report" / "by_size.csv")
+    assert by_size.query("method == 'tfg'").n.sum() == aggregate.loc["tfg", "n"]
+    assert "by nodule size" in (out / "report" / "by_size.md").read_text()
     # (several folds pooled in one report, a finished fold read back and a baseline run alone:
     # test_demo_resumes_..., with CAM alone, since a second guided fold costs minutes of CI)
     cam = pd.read_csv(out / "all_folds_results.csv").query("method == 'cam'").reset_index(drop=True)

@@ -53,9 +53,14 @@ def test_notebooks_run_on_the_phantom_cohort(tmp_path, phantom_copy):
     rows = pd.read_csv(tmp_path / "results" / "fold2_tiny_baselines.csv")
     assert set(rows.method) == {"gradcam"} and set(rows.fold) == {2}
     run("06_report.ipynb", results=[str(tmp_path / "results"), str(tmp_path / "quick" / "fold2_results.csv")],
-        relabel_experiment="phantom", out_dir=str(tmp_path / "report"), title="test")
+        relabel_experiment="phantom", annotations=[str(tmp_path / "phantom" / "annotations.csv")],
+        out_dir=str(tmp_path / "report"), title="test")
     table = (tmp_path / "report" / "table1.md").read_text()
     assert "| CAM |" in table and "Grad-CAM" in table and (tmp_path / "report" / "dice.png").is_file()
+    by_size = pd.read_csv(tmp_path / "report" / "by_size.csv")  # the fold's nodule scans, each in one range
+    assert by_size.query("method == 'cam'").n.sum() == pd.read_csv(tmp_path / "report" / "aggregate.csv").query(
+        "method == 'cam'").n.iloc[0]
+    assert (tmp_path / "report" / "dice_by_size.png").read_bytes()[:4] == b"\x89PNG"
     executed = nbformat.read(tmp_path / "06_report.ipynb", as_version=4)
     assert any(o.get("output_type") == "display_data" for c in executed.cells for o in c.get("outputs", []))
 

@@ -121,6 +121,22 @@ def _segment(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _report_by_size(rows, args: argparse.Namespace) -> dict | None:
+    """``by_size.md|csv`` next to Table 1; None (and a message naming the tables) when the annotations do not fit."""
+    import pandas as pd
+
+    from tfg_core.data.luna16 import read_annotations
+    from tfg_core.strata import write_by_size
+
+    tables = [read_annotations(path) for path in args.annotations]
+    try:
+        return write_by_size(rows, pd.concat(tables, ignore_index=True), args.out, title=f"{args.title}, by nodule size",
+                             experiment=args.experiment)
+    except ValueError as exc:
+        print(f"tfg report: error: {', '.join(map(str, args.annotations))}: {exc}", file=sys.stderr)
+        return None
+
+
 def _report(args: argparse.Namespace) -> int:
     from tfg_core.report import find_result_files, read_result_rows, supersede, write_report
 
@@ -140,6 +156,12 @@ def _report(args: argparse.Namespace) -> int:
               "same case with --supersede)", file=sys.stderr)
         return 2
     print(paths["table1_md"].read_text())
+    if args.annotations:
+        by_size = _report_by_size(rows, args)
+        if by_size is None:
+            return 2
+        paths.update(by_size)
+        print(paths["by_size_md"].read_text())
     print(f"{len(rows)} rows from {len(files)} file(s) → {', '.join(str(p) for p in paths.values())}")
 
 
@@ -204,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--supersede", action="store_true",
                    help="a case scored by the same method in several files keeps the row of the file listed last "
                         "(pool a rerun of some methods with an earlier run); the superseded rows are counted")
+    p.add_argument("--annotations", type=Path, nargs="+", default=None, metavar="CSV",
+                   help="annotations.csv of every cohort the rows come from: also write by_size.md|csv, each "
+                        "method's Dice by the diameter of the scan's largest nodule (< 10, 10–20, ≥ 20 mm)")
     p.set_defaults(func=_report)
 
     p = sub.add_parser("batch", help="run notebooks for a list of folds and parameter sets (local pool or SLURM)",

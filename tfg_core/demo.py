@@ -183,6 +183,19 @@ def segment_fold(root: Path, manifest: pd.DataFrame, annotations: pd.DataFrame, 
     return rows
 
 
+def cohort_root(out: str | os.PathLike, cohort_seed: int = 0, cohort: str | os.PathLike | None = None) -> Path:
+    """Where the demo keeps the phantom cohort of ``cohort_seed``: ``cohort`` if given, else beside ``out``.
+
+    Args:
+        out: the demo's output folder.
+        cohort_seed: 0 = ``<out>/../phantom``, k ≥ 2 = ``<out>/../phantom_seed<k>``.
+        cohort: an explicit cohort folder.
+    """
+    if cohort is not None:
+        return Path(cohort)
+    return Path(out).parent / ("phantom" if cohort_seed == 0 else f"phantom_seed{cohort_seed}")
+
+
 def run_demo(out: str | os.PathLike = "outputs/demo", fold: int = 0, cohort: str | os.PathLike | None = None,
              config=None, methods: Sequence[str] | None = None,
              progress: bool = True, refine: str = "density_after",
@@ -216,8 +229,7 @@ def run_demo(out: str | os.PathLike = "outputs/demo", fold: int = 0, cohort: str
     if cohort_seed == TRAINING_SEED or cohort_seed < 0:
         raise DataError(None, f"cohort seed {cohort_seed}: evaluate on 0 (the evaluation cohort) or a fresh seed ≥ 2 "
                         f"(seed {TRAINING_SEED} is the demo flow's and the pretrained backbone's training cohort)")
-    default_root = "phantom" if cohort_seed == 0 else f"phantom_seed{cohort_seed}"
-    root = Path(cohort) if cohort is not None else out.parent / default_root
+    root = cohort_root(out, cohort_seed, cohort)
     write_cohort(root, PhantomConfig(seed=cohort_seed), progress=progress)
     manifest, _ = ensure_manifest(root)
     annotations = read_annotations(root / "annotations.csv")
@@ -272,6 +284,7 @@ def run_demo_folds(folds: list[int], out: str | os.PathLike = "outputs/demo", co
         cohort_seed: phantom cohort seed (:func:`run_demo`): 0 the evaluation cohort, ≥ 2 a fresh replication.
     """
     from tfg_core.report import write_report
+    from tfg_core.strata import write_by_size
 
     rows = []
     for fold in folds:
@@ -287,8 +300,12 @@ def run_demo_folds(folds: list[int], out: str | os.PathLike = "outputs/demo", co
     cohort = "Phantom cohort" if cohort_seed == 0 else f"Fresh phantom cohort (seed {cohort_seed})"
     title = f"{cohort}, tiny predictor, folds {', '.join(map(str, folds))}"
     paths = write_report(pooled, Path(out) / "report", title=title)
+    # the same scans by the size of their largest nodule: cohorts differ most in how many small nodules they hold
+    annotations = read_annotations(cohort_root(out, cohort_seed) / "annotations.csv")
+    paths.update(write_by_size(pooled, annotations, Path(out) / "report", title=f"{title}, by nodule size"))
     print("\n" + paths["table1_md"].read_text())
-    print(f"wrote {Path(out) / 'all_folds_results.csv'} and {paths['table1_md']}")
+    print(paths["by_size_md"].read_text())
+    print(f"wrote {Path(out) / 'all_folds_results.csv'}, {paths['table1_md']} and {paths['by_size_md']}")
     return pooled
 
 
