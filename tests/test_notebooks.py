@@ -1,5 +1,6 @@
 """The notebooks: committed clean, one typed `parameters` cell, and executable end to end by papermill."""
 
+from functools import partial
 from pathlib import Path
 
 import nbformat
@@ -43,7 +44,7 @@ def test_committed_clean_with_one_typed_parameters_cell(path):
 def test_notebooks_run_on_the_phantom_cohort(tmp_path, phantom_copy):
     """00 → 05 → 06 with tiny parameters: each writes where the next one reads."""
     phantom_copy(tmp_path / "phantom")  # as on a second run (the demo's first-use write: test_cli)
-    run = lambda name, **params: run_notebook(name, tmp_path, **params)
+    run = partial(run_notebook, folder=tmp_path)
     # CAM alone: the notebook is glue around run_demo, whose guided run test_cli covers (a guided fold is minutes)
     run("00_quickstart.ipynb", fold=2, data_root=str(tmp_path / "phantom"), out_dir=str(tmp_path / "quick"),
         methods=["cam"], progress=False)
@@ -79,7 +80,7 @@ def test_open_cohort_names_a_missing_luna16_tree(tmp_path):
 def test_preprocess_finetune_and_ablation_notebooks_chain(tmp_path, phantom_copy):
     """01 → 02 → 04 with tiny parameters; 04 guides with the (ensemble) checkpoint 02 just wrote."""
     phantom_copy(tmp_path / "phantom")
-    run = lambda name, **params: run_notebook(name, tmp_path, **params)
+    run = partial(run_notebook, folder=tmp_path)
     data = str(tmp_path / "phantom")
     run("01_preprocess.ipynb", data_root=data, fold=1, out_dir=str(tmp_path / "pre"), progress=False)
     inventory = pd.read_csv(tmp_path / "pre" / "inventory.csv")
