@@ -46,6 +46,11 @@ def draw_dice_by_size(fig, sized: pd.DataFrame, strata: pd.DataFrame, methods: S
         if np.isfinite(edge) and edge > 0:
             scatter.axvline(edge, color="0.6", lw=0.8, ls=":")
     scatter.set_xscale("log")
+    # plain millimetre ticks: a log axis would otherwise label 20 mm as "2×10¹"
+    low, high = sized["diameter_mm"].min() * 0.8, sized["diameter_mm"].max() * 1.25
+    ticks = [t for t in (3, 5, 7, 10, 15, 20, 30, 50, 70) if low <= t <= high]
+    scatter.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    scatter.set_xticks([], minor=True)
     scatter.set_xlabel("diameter of the scan's largest nodule (mm)")
     scatter.set_ylabel("Dice per scan")
     scatter.set_ylim(-0.03, 1.03)
