@@ -4,7 +4,8 @@ Run: ``python scripts/diagnose_tfg_failures.py outputs/n1a/demo/all_folds_result
 (``--max-dice 0.3`` by default; a few seconds a scan on two cores with the demo flow). By default the rows are taken
 to come from ``tfg demo`` on the phantom cohort with the shipped demo flow and fold predictors and default guidance;
 other runs name theirs: ``--dataset luna16 --root /data/LUNA16 --flow maisi-v2 --backbone tinyvit --checkpoint
-runs/fold{fold}/best.pt --guidance '{"strength": 2}'``. The guidance parameters are checked against the rows'
+runs/fold{fold}/best.pt --guidance '{"strength": 2}'``; rows of a fresh phantom cohort (``tfg demo --cohort-seed 2``)
+name it: ``--cohort-seed 2 --root outputs/phantom_seed2``. The guidance parameters are checked against the rows'
 ``params_hash``; the networks are not, but other networks than the rows' show as a nonzero Dice difference below.
 
 Prints one line per scan (:func:`tfg_core.diagnose.diagnose_case`) and the count per stage, and writes the table
@@ -32,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("results", nargs="+", type=Path, help="all_folds_results.csv of tfg demo runs")
     parser.add_argument("--dataset", choices=DATASETS, default="phantom", help="the cohort the rows were made on")
     parser.add_argument("--root", type=Path, default=Path("outputs/phantom"), help="its LUNA16-shaped tree")
+    parser.add_argument("--cohort-seed", type=int, default=0,
+                        help="phantom cohort seed the rows were made on (tfg demo --cohort-seed; 0 = evaluation)")
     parser.add_argument("--flow", choices=FLOWS, default="demo", help="the prior the rows were made with")
     parser.add_argument("--maisi-autoencoder", default="", help="MAISI-v2 autoencoder_v1.pt ($TFG_MAISI_AUTOENCODER)")
     parser.add_argument("--maisi-unet", default="", help="MAISI-v2 diff_unet_3d_rflow-ct.pt ($TFG_MAISI_UNET)")
@@ -54,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(low)} of {n_scans} TFG scans with a nodule have Dice < {args.max_dice}")
     if low.empty:
         return 0
-    cohort = open_cohort(args.dataset, args.root)
+    cohort = open_cohort(args.dataset, args.root, phantom_seed=args.cohort_seed)
     flow = load_flow(args.flow, args.maisi_autoencoder, args.maisi_unet)
 
     def predictor(fold: int):

@@ -138,3 +138,25 @@ def test_the_shipped_pipeline_reproduces_its_rows(cohort, tmp_path, capsys):
     with pytest.raises(SystemExit):  # a misspelt guidance field is not silently dropped
         script["main"]([str(results), "--root", str(root), "--max-dice", "1.01", "--guidance", '{"strenght": 2}'])
     assert "strenght" in capsys.readouterr().err
+
+
+def test_the_script_opens_the_cohort_seed_the_rows_were_made_on(tmp_path, monkeypatch):
+    """Rows of `tfg demo --cohort-seed 2` are diagnosed on that cohort: the seed reaches the cohort writer, whose
+    refusal of a folder written with another seed is the error a user of the default would otherwise meet."""
+    import tfg_core.data.phantom as phantom
+    from tfg_core.errors import DataError
+
+    seeds = []
+
+    def record(root, config, progress=False):
+        seeds.append(config.seed)
+        raise DataError(Path(root) / "cohort.json", "stopped by the test after the seed was read")
+
+    monkeypatch.setattr(phantom, "write_cohort", record)
+    results = tmp_path / "all_folds_results.csv"
+    pd.DataFrame([{"method": "tfg", "gt_voxels": 5, "dsc": 0.0, "fold": 0, "seriesuid": "x"}]).to_csv(results)
+    script = runpy.run_path(str(Path(__file__).resolve().parents[1] / "scripts" / "diagnose_tfg_failures.py"))
+    for argv, seed in (([], 0), (["--cohort-seed", "2"], 2)):
+        with pytest.raises(DataError, match="stopped by the test"):
+            script["main"]([str(results), "--root", str(tmp_path / "cohort"), *argv])
+        assert seeds[-1] == seed

@@ -38,7 +38,7 @@ class Cohort:
         return fold_split(self.manifest, fold)
 
 
-def open_cohort(dataset: str, root: str | os.PathLike, progress: bool = False) -> Cohort:
+def open_cohort(dataset: str, root: str | os.PathLike, progress: bool = False, phantom_seed: int = 0) -> Cohort:
     """Open (and for ``"phantom"`` first write, if absent) a cohort; its manifest is cached as ``root/manifest.csv``.
 
     Args:
@@ -46,6 +46,8 @@ def open_cohort(dataset: str, root: str | os.PathLike, progress: bool = False) -
             LUNA16 download).
         root: where the tree is (or goes).
         progress: progress bars while writing/scanning.
+        phantom_seed: the phantom cohort's seed: 0 the evaluation cohort, ≥ 2 a fresh one (``tfg demo
+            --cohort-seed``); a folder written with another seed is refused, naming its ``cohort.json``.
     """
     from tfg_core.data.luna16 import read_annotations
     from tfg_core.errors import DataError
@@ -57,7 +59,7 @@ def open_cohort(dataset: str, root: str | os.PathLike, progress: bool = False) -
     if dataset == "phantom":
         from tfg_core.data.phantom import PhantomConfig, write_cohort
 
-        write_cohort(root, PhantomConfig(), progress=progress)
+        write_cohort(root, PhantomConfig(seed=phantom_seed), progress=progress)
     elif not root.is_dir():
         raise DataError(root, "no LUNA16 tree here (expected subset0..9/*.mhd and annotations.csv)")
     manifest, _ = ensure_manifest(root, progress=progress)
