@@ -29,11 +29,9 @@ from tfg_core.data.cases import load_case
 from tfg_core.data.folds import fold_split
 from tfg_core.data.inventory import scan_record
 from tfg_core.data.luna16 import read_annotations
-from tfg_core.data.phantom import PhantomConfig, write_cohort
 from tfg_core.data.slices import make_stacks
 from tfg_core.errors import DataError
 from tfg_core.io import atomic_write_text, atomic_write_with
-from tfg_core.training.run import ensure_manifest
 from tfg_core.training.slice_data import slice_case_from
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -229,10 +227,10 @@ def run_demo(out: str | os.PathLike = "outputs/demo", fold: int = 0, cohort: str
     if cohort_seed == TRAINING_SEED or cohort_seed < 0:
         raise DataError(None, f"cohort seed {cohort_seed}: evaluate on 0 (the evaluation cohort) or a fresh seed ≥ 2 "
                         f"(seed {TRAINING_SEED} is the demo flow's and the pretrained backbone's training cohort)")
-    root = cohort_root(out, cohort_seed, cohort)
-    write_cohort(root, PhantomConfig(seed=cohort_seed), progress=progress)
-    manifest, _ = ensure_manifest(root)
-    annotations = read_annotations(root / "annotations.csv")
+    from tfg_core.experiment import open_cohort
+
+    opened = open_cohort("phantom", cohort_root(out, cohort_seed, cohort), progress=progress, phantom_seed=cohort_seed)
+    root, manifest, annotations = opened.root, opened.manifest, opened.annotations
     split = fold_split(manifest, fold)
     rows = manifest.set_index("seriesuid", drop=False)
 
