@@ -160,3 +160,62 @@ def test_the_script_opens_the_cohort_seed_the_rows_were_made_on(tmp_path, monkey
         with pytest.raises(DataError, match="stopped by the test"):
             script["main"]([str(results), "--root", str(tmp_path / "cohort"), *argv])
         assert seeds[-1] == seed
+
+
+def test_slice_evidence_names_the_most_probable_slice_on_nodule_and_healthy_scans(cohort, monkeypatch):
+    root, manifest, annotations = cohort
+    prepared = _nodule_case(cohort)
+    nodule_slices = np.flatnonzero(prepared.gt_grid.any(axis=(1, 2)))
+    off = (int(nodule_slices.max()) + 3) % prepared.gt_grid.shape[0]  # a slice away from the nodule
+    logits = torch.full((prepared.gt_grid.shape[0],), -4.0)
+    monkeypatch.setattr(diagnose, "slice_logits", lambda predictor, image, slices, batch: logits[list(slices)])
+    logits[off] = -1.0  # nothing positive; the most probable slice misses the nodule
+    found = diagnose.slice_evidence(prepared, predictor=None)
+    assert found["positive_slices"] == 0 and found["top_slice"] == off and not found["top_slice_on_nodule"]
+    assert found["max_p"] == pytest.approx(torch.sigmoid(torch.tensor(-1.0)).item())
+    assert found["max_p_on_nodule"] == pytest.approx(torch.sigmoid(torch.tensor(-4.0)).item())
+    logits[nodule_slices[0]] = 2.0  # one positive slice, on the nodule
+    found = diagnose.slice_evidence(prepared, predictor=None)
+    assert found["positive_slices"] == 1 and found["top_slice_on_nodule"] and found["nodule_voxels"] > 0
+    healthy_uid = next(u for u in manifest.seriesuid if u not in set(annotations.seriesuid))
+    healthy = prepare(load_case(root, manifest.set_index("seriesuid", drop=False).loc[healthy_uid], annotations))
+    found = diagnose.slice_evidence(healthy, predictor=None)
+    assert found["nodule_voxels"] == 0 and not found["top_slice_on_nodule"] and np.isnan(found["max_p_on_nodule"])
+
+
+def test_scans_without_positive_slices_summary_counts_hits_and_healthy_pushes():
+    script = runpy.run_path(str(Path(__file__).resolve().parents[1] / "scripts" / "scans_without_positive_slices.py"))
+    table = pd.DataFrame({
+        "fold": [0, 0, 1, 1, 2, 2],
+        "nodule_voxels": [5, 3, 0, 0, 0, 9],
+        "positive_slices": [0, 0, 0, 0, 2, 4],
+        "max_p": [0.40, 0.20, 0.30, 0.45, 0.9, 0.95],
+        "top_slice_on_nodule": [True, False, False, False, False, True],
+    })
+    lines = script["summarise"](table)
+    assert lines[0] == "nodule scans without a positive slice: 2 of 3; their most probable slice lies on the nodule in 1"
+    assert "0.20, 0.40 (on the nodule: 0.40)" in lines[1]
+    assert lines[2] == "healthy scans without a positive slice: 2 of 3"
+    assert "min 0.30, median 0.38, max 0.45" in lines[3]
+    assert lines[4] == "  a floor at 0.40 (fold 0's hit) would also push on 1 of those healthy scans"
+
+
+def test_slice_evidence_rows_reads_each_scans_calibrated_tfg_row_once(cohort, monkeypatch):
+    root, manifest, annotations = cohort
+    nodule_uid = annotations.seriesuid.iloc[0]
+    healthy_uid = next(u for u in manifest.seriesuid if u not in set(annotations.seriesuid))
+    monkeypatch.setattr(diagnose, "slice_logits",
+                        lambda predictor, image, slices, batch: torch.linspace(-3, 1, len(list(slices))))
+    rows = pd.DataFrame([
+        {"method": "tfg", "threshold_mode": "calibrated", "fold": 3, "seriesuid": nodule_uid, "dsc": 0.25},
+        {"method": "tfg", "threshold_mode": "otsu", "fold": 3, "seriesuid": nodule_uid, "dsc": 0.75},
+        {"method": "cam", "threshold_mode": "calibrated", "fold": 3, "seriesuid": nodule_uid, "dsc": 0.5},
+        {"method": "tfg", "threshold_mode": "calibrated", "fold": 3, "seriesuid": healthy_uid, "dsc": np.nan},
+    ])
+    folds = []
+    table = diagnose.slice_evidence_rows(rows, root, manifest, annotations,
+                                         lambda fold: folds.append(fold) or torch.nn.Identity(), progress=False)
+    assert list(table.seriesuid) == [nodule_uid, healthy_uid] and folds == [3]  # one predictor load per fold
+    assert table.dsc.iloc[0] == 0.25 and np.isnan(table.dsc.iloc[1])
+    assert (table.nodule_voxels > 0).tolist() == [True, False]
+    assert (table.positive_slices > 0).all() and (table.top_slice == table.top_slice.iloc[0]).all()

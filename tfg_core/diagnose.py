@@ -165,3 +165,65 @@ def diagnose_rows(rows: pd.DataFrame, root: str | os.PathLike, manifest: pd.Data
         found = diagnose_case(prepared, flow, predictors[row.fold], float(row.threshold), config, map_scale, refine)
         out.append({"fold": int(row.fold), "seriesuid": row.seriesuid, "dsc": float(row.dsc), **found})
     return pd.DataFrame.from_records(out)
+
+
+def slice_evidence(prepared: PreparedCase, predictor: torch.nn.Module, threshold: float = 0.5,
+                   slice_batch: int = 16) -> dict:
+    """What the slice classifier says about one scan before any guidance, nodule or not.
+
+    Asks the question a fallback rule would depend on ("when no slice is positive, guide on the most probable one"):
+    does the most probable slice lie on the nodule, and do healthy scans have a most probable slice as probable?
+
+    Args:
+        prepared: the scan on the model grid (:func:`tfg_core.evaluate.prepare`).
+        predictor: the fold's slice classifier (eval mode).
+        threshold: the guidance's positive threshold (``GuidanceConfig.positive_threshold``).
+        slice_batch: stacks per classifier call.
+
+    Returns:
+        ``nodule_voxels`` (0: healthy), ``positive_slices``, ``max_p`` (the most probable slice's probability),
+        ``top_slice``, ``top_slice_on_nodule`` (False on a healthy scan) and ``max_p_on_nodule`` (NaN on a healthy
+        scan).
+    """
+    gt = prepared.gt_grid.astype(bool)
+    x = torch.as_tensor(prepared.grid.array, dtype=torch.float32)
+    with torch.no_grad():
+        probs = torch.sigmoid(slice_logits(predictor, x, range(x.shape[0]), slice_batch)).numpy()
+    nodule_slices = np.flatnonzero(gt.reshape(len(gt), -1).any(axis=1))
+    top = int(probs.argmax())
+    return {"nodule_voxels": int(gt.sum()), "positive_slices": int((probs >= threshold).sum()),
+            "max_p": float(probs[top]), "top_slice": top, "top_slice_on_nodule": bool(top in set(nodule_slices)),
+            "max_p_on_nodule": float(probs[nodule_slices].max()) if len(nodule_slices) else float("nan")}
+
+
+def slice_evidence_rows(rows: pd.DataFrame, root: str | os.PathLike, manifest: pd.DataFrame,
+                        annotations: pd.DataFrame, load_predictor: Callable[[int], torch.nn.Module],
+                        threshold: float = 0.5, progress: bool = True) -> pd.DataFrame:
+    """:func:`slice_evidence` for every scan of TFG result rows (one row per fold and scan, healthy ones included).
+
+    Args:
+        rows: result rows of :func:`tfg_core.evaluate.evaluate_fold` / ``tfg demo``; only the TFG rows are read.
+        root: the cohort the rows were made on.
+        manifest: its manifest.
+        annotations: its annotations.
+        load_predictor: fold → the fold's predictor the rows were made with.
+        threshold: the guidance's positive threshold.
+        progress: a bar over the scans.
+
+    Returns:
+        ``fold``, ``seriesuid``, ``dsc`` (the row's TFG Dice; NaN on healthy scans) and :func:`slice_evidence`'s
+        columns.
+    """
+    todo = rows[rows.method == "tfg"]
+    if "threshold_mode" in todo:  # the calibrated row's Dice, not the Otsu one's
+        todo = todo[todo.threshold_mode == "calibrated"]
+    todo = todo.drop_duplicates(["fold", "seriesuid"])
+    by_uid = manifest.set_index("seriesuid", drop=False)
+    out, predictors = [], {}
+    for row in tqdm(list(todo.itertuples(index=False)), disable=not progress, desc="slice evidence"):
+        if row.fold not in predictors:
+            predictors = {row.fold: load_predictor(int(row.fold)).eval()}
+        prepared = prepare(load_case(root, by_uid.loc[row.seriesuid], annotations))
+        found = slice_evidence(prepared, predictors[row.fold], threshold)
+        out.append({"fold": int(row.fold), "seriesuid": row.seriesuid, "dsc": float(row.dsc), **found})
+    return pd.DataFrame.from_records(out)
