@@ -61,6 +61,16 @@ def failure_stage(positive_slices_on_nodule: int, classifier_on_nodule: bool, ch
     return "segmented"
 
 
+def _slice_probabilities(prepared: PreparedCase, predictor: torch.nn.Module,
+                         slice_batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every slice's probability on the input, and the indices of the slices the ground truth touches."""
+    x = torch.as_tensor(prepared.grid.array, dtype=torch.float32)
+    with torch.no_grad():
+        probs = torch.sigmoid(slice_logits(predictor, x, range(x.shape[0]), slice_batch)).numpy()
+    gt = prepared.gt_grid.astype(bool)
+    return probs, np.flatnonzero(gt.reshape(len(gt), -1).any(axis=1))
+
+
 def _peak(values: np.ndarray, where: np.ndarray) -> float:
     return float(values[where].max()) if where.any() else 0.0
 
@@ -91,10 +101,7 @@ def diagnose_case(prepared: PreparedCase, flow, predictor: torch.nn.Module, thre
     gt, lung = prepared.gt_grid.astype(bool), prepared.lung_grid.astype(bool)
     if not gt.any():
         raise ValueError(f"{prepared.uid}: no nodule on the model grid, nothing to diagnose")
-    x = torch.as_tensor(prepared.grid.array, dtype=torch.float32)
-    with torch.no_grad():
-        probs = torch.sigmoid(slice_logits(predictor, x, range(x.shape[0]), config.slice_batch)).numpy()
-    nodule_slices = np.flatnonzero(gt.reshape(len(gt), -1).any(axis=1))
+    probs, nodule_slices = _slice_probabilities(prepared, predictor, config.slice_batch)
     positive = probs >= config.positive_threshold
     given = {name: np.asarray(value.numpy() if isinstance(value, torch.Tensor) else value, dtype=np.float32)
              for name, value in (maps or {}).items() if name in ("tfg", "no_prior")}
@@ -185,13 +192,9 @@ def slice_evidence(prepared: PreparedCase, predictor: torch.nn.Module, threshold
         ``top_slice``, ``top_slice_on_nodule`` (False on a healthy scan) and ``max_p_on_nodule`` (NaN on a healthy
         scan).
     """
-    gt = prepared.gt_grid.astype(bool)
-    x = torch.as_tensor(prepared.grid.array, dtype=torch.float32)
-    with torch.no_grad():
-        probs = torch.sigmoid(slice_logits(predictor, x, range(x.shape[0]), slice_batch)).numpy()
-    nodule_slices = np.flatnonzero(gt.reshape(len(gt), -1).any(axis=1))
+    probs, nodule_slices = _slice_probabilities(prepared, predictor, slice_batch)
     top = int(probs.argmax())
-    return {"nodule_voxels": int(gt.sum()), "positive_slices": int((probs >= threshold).sum()),
+    return {"nodule_voxels": int(prepared.gt_grid.astype(bool).sum()), "positive_slices": int((probs >= threshold).sum()),
             "max_p": float(probs[top]), "top_slice": top, "top_slice_on_nodule": bool(top in set(nodule_slices)),
             "max_p_on_nodule": float(probs[nodule_slices].max()) if len(nodule_slices) else float("nan")}
 
