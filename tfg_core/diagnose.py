@@ -155,9 +155,8 @@ def diagnose_rows(rows: pd.DataFrame, root: str | os.PathLike, manifest: pd.Data
     """
     config = config if config is not None else GuidanceConfig()
     todo = rows[(rows.method == "tfg") & (rows.threshold_mode == "calibrated") & (rows.gt_voxels > 0)]
-    by_uid = manifest.set_index("seriesuid", drop=False)
-    out, predictors = [], {}
-    for row in tqdm(list(todo.itertuples(index=False)), disable=not progress, desc="diagnosing"):
+    protocol = {}
+    for row in todo.itertuples(index=False):  # every row checked before any scan is diagnosed
         refine = getattr(row, "refine", "none") or "none"
         map_scale = getattr(row, "map_scale", "absolute") or "absolute"
         calibrate_on = getattr(row, "calibrate_on", "all") or "all"
@@ -166,12 +165,24 @@ def diagnose_rows(rows: pd.DataFrame, root: str | os.PathLike, manifest: pd.Data
             raise ValueError(f"fold {row.fold} scan {row.seriesuid}: its row was made with other parameters "
                              f"(params_hash {row.params_hash}, these guidance parameters give {expected}); pass the "
                              "GuidanceConfig it was run with")
-        if row.fold not in predictors:
-            predictors = {row.fold: load_predictor(int(row.fold)).eval()}  # one fold's predictor in memory
-        prepared = prepare(load_case(root, by_uid.loc[row.seriesuid], annotations))
-        found = diagnose_case(prepared, flow, predictors[row.fold], float(row.threshold), config, map_scale, refine)
+        protocol[row.fold, row.seriesuid] = (map_scale, refine)
+    out = []
+    for row, prepared, predictor in _scans_of(todo, root, manifest, annotations, load_predictor, progress, "diagnosing"):
+        map_scale, refine = protocol[row.fold, row.seriesuid]
+        found = diagnose_case(prepared, flow, predictor, float(row.threshold), config, map_scale, refine)
         out.append({"fold": int(row.fold), "seriesuid": row.seriesuid, "dsc": float(row.dsc), **found})
     return pd.DataFrame.from_records(out)
+
+
+def _scans_of(rows: pd.DataFrame, root, manifest: pd.DataFrame, annotations: pd.DataFrame,
+              load_predictor: Callable[[int], torch.nn.Module], progress: bool, desc: str):
+    """Each row with its scan on the model grid and its fold's predictor (one fold's predictor in memory)."""
+    by_uid = manifest.set_index("seriesuid", drop=False)
+    loaded_fold, predictor = None, None
+    for row in tqdm(list(rows.itertuples(index=False)), disable=not progress, desc=desc):
+        if row.fold != loaded_fold:
+            loaded_fold, predictor = row.fold, load_predictor(int(row.fold)).eval()
+        yield row, prepare(load_case(root, by_uid.loc[row.seriesuid], annotations)), predictor
 
 
 def slice_evidence(prepared: PreparedCase, predictor: torch.nn.Module, threshold: float = 0.5,
@@ -221,12 +232,9 @@ def slice_evidence_rows(rows: pd.DataFrame, root: str | os.PathLike, manifest: p
     if "threshold_mode" in todo:  # the calibrated row's Dice, not the Otsu one's
         todo = todo[todo.threshold_mode == "calibrated"]
     todo = todo.drop_duplicates(["fold", "seriesuid"])
-    by_uid = manifest.set_index("seriesuid", drop=False)
-    out, predictors = [], {}
-    for row in tqdm(list(todo.itertuples(index=False)), disable=not progress, desc="slice evidence"):
-        if row.fold not in predictors:
-            predictors = {row.fold: load_predictor(int(row.fold)).eval()}
-        prepared = prepare(load_case(root, by_uid.loc[row.seriesuid], annotations))
-        found = slice_evidence(prepared, predictors[row.fold], threshold)
+    out = []
+    for row, prepared, predictor in _scans_of(todo, root, manifest, annotations, load_predictor, progress,
+                                              "slice evidence"):
+        found = slice_evidence(prepared, predictor, threshold)
         out.append({"fold": int(row.fold), "seriesuid": row.seriesuid, "dsc": float(row.dsc), **found})
     return pd.DataFrame.from_records(out)
