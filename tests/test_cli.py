@@ -116,8 +116,8 @@ def test_demo_resumes_finished_folds_and_reruns_anything_changed_or_unfinished(t
     pd.testing.assert_frame_equal(pd.read_csv(out / "all_folds_results.csv"), first)
 
     # anything that decides the rows, --fresh, or a fold that never finished: it runs again (every option that
-    # decides the rows enters params_hash, the test above; here one protocol option and one guidance parameter)
-    for changed in (["--fresh"], ["--refine", "density"], ["--strength", "2"]):
+    # decides the rows enters params_hash, the test above; here one protocol option and two guidance parameters)
+    for changed in (["--fresh"], ["--refine", "density"], ["--strength", "2"], ["--start-index", "20"]):
         capsys.readouterr()
         with pytest.raises(RuntimeError, match="evaluate_fold ran"):
             main(args + changed)
@@ -140,7 +140,7 @@ def test_demo_resumes_finished_folds_and_reruns_anything_changed_or_unfinished(t
     (out / "fold2_results.csv").write_text(first.assign(method="ig").to_csv(index=False))  # rows not of this key
     with pytest.raises(RuntimeError):
         main(args)
-    assert len(calls) == 5  # three changes and two untrustworthy records
+    assert len(calls) == 6  # four changes and two untrustworthy records
 
 
 def test_demo_replicates_on_a_fresh_cohort_and_refuses_the_training_one(tmp_path, capsys):

@@ -53,7 +53,8 @@ def _demo(args: argparse.Namespace) -> None:
     from tfg_core.guidance import GuidanceConfig
 
     methods = None if args.methods is None else (ALL_DEMO_METHODS if "all" in args.methods else args.methods)
-    config = GuidanceConfig(loss=args.loss, decoder=args.decoder, difference=args.difference,
+    config = GuidanceConfig(start_index=args.start_index, guided_steps=args.guided_steps,
+                            loss=args.loss, decoder=args.decoder, difference=args.difference,
                             density_change=args.density_change, strength=args.strength,
                             gradient_weight=args.gradient_weight, weight_power=args.weight_power)
     run_demo_folds(args.fold, out=args.out, config=config, methods=methods, progress=not args.quiet,
@@ -173,6 +174,13 @@ def _add_gradient_weight(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-power", type=float, default=1.0, help="exponent of the normalised CAM weight")
 
 
+def _add_schedule(p: argparse.ArgumentParser) -> None:
+    """Where guidance starts and how long it lasts (``GuidanceConfig``), the same for demo and segment."""
+    p.add_argument("--start-index", type=int, default=15,
+                   help="sampling step (of 30) where sampling restarts after the inversion and guidance begins")
+    p.add_argument("--guided-steps", type=int, default=5, help="guided sampling steps")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tfg", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -192,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="guidance direction: only darkening, the gradient's non-negative part (default, measured: "
                         "docs/measurement_log.md), or any (the paper's)")
     _add_gradient_weight(p)
+    _add_schedule(p)
     p.add_argument("--strength", type=float, default=1.0, help="guidance step size")
     p.add_argument("--refine", choices=REFINEMENTS, default=EVALUATION_REFINE,
                    help="post-processing of every method's mask: density_after (default: each component of the mask "
@@ -289,8 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--map-scale", choices=MAP_SCALES, default=MAP_SCALES[0],
                    help="absolute (default) or scan: the map as a fraction of its maximum in the lung, so a numeric "
                         "--threshold is that fraction")
-    p.add_argument("--start-index", type=int, default=15, help="sampling step where sampling restarts (of 30)")
-    p.add_argument("--guided-steps", type=int, default=5, help="guided sampling steps")
+    _add_schedule(p)
     p.add_argument("--strength", type=float, default=1.0, help="guidance step size")
     p.add_argument("--inner-iterations", type=int, default=1, help="gradient updates per guided step")
     p.add_argument("--loss", choices=("logit", "bce"), default="logit", help="guidance loss")
