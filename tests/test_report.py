@@ -75,7 +75,7 @@ def test_every_aggregate_number_against_a_direct_computation(rows):
         dsc = scored.dsc.to_numpy()
         msd = scored.msd_mm.to_numpy()
         assert r.experiment == "exp"
-        assert r.n == len(scored) and r.n_folds == scored.fold.nunique()
+        assert r.n == len(scored) and r.n_folds == scored.fold.nunique() and r.n_cohorts == 1
         assert math.isclose(r.dsc_mean, dsc.sum() / len(dsc))
         assert math.isclose(r.dsc_std, math.sqrt(((dsc - dsc.mean()) ** 2).sum() / (len(dsc) - 1)))  # ddof=1
         sorted_msd = np.sort(msd)
@@ -189,6 +189,19 @@ def test_markdown_bolds_the_best_dsc_per_backbone_and_states_n_and_p(rows):
     p = by.loc[("tinyvit", "cam"), "wilcoxon_p"]
     assert f"TinyViT CAM: p = {p:.3f} (12 pairs)" in text
     assert "fewer than 6 pairs, 4 pairs" in text and "all differences zero" in text
+
+
+def test_folds_of_pooled_phantom_cohorts_count_once_per_cohort():
+    """Folds are numbered 0-9 in every cohort: two phantom cohorts pooled over the same three folds are six folds."""
+    uid = "1.2.826.0.1.3680043.8.498.834.{}.{}".format  # tfg_core.data.phantom.series_uid's layout
+    pooled = pd.DataFrame([_row(fold, uid(seed, 10 * fold + i), "tiny", method, 0.5, 2.0, experiment="pooled")
+                           for seed in (2, 3) for fold in FOLDS for i in range(2) for method in ("tfg", "ig")])
+    agg = aggregate(pooled).set_index("method")
+    assert (agg.n == 12).all() and (agg.n_folds == 6).all() and (agg.n_cohorts == 2).all()
+    assert "n = 12 over 6 folds of 2 cohorts" in table1_markdown(aggregate(pooled), title="T")
+    assert report.cohort_of(uid(3, 7)) == "phantom seed 3" and report.cohort_of("1.3.6.1.4.1.14519.5.2.1") == ""
+    one = aggregate(pooled[pooled.seriesuid.str.contains(r"\.834\.2\.")]).set_index("method")
+    assert (one.n_folds == 3).all() and (one.n_cohorts == 1).all()
 
 
 def test_write_report_files_are_complete(rows, tmp_path):

@@ -41,7 +41,7 @@ CI_LEVEL = 0.95
 CI_RESAMPLES = 10_000
 CI_SEED = 0
 
-AGGREGATE_COLUMNS = ["experiment", "backbone", "method", "n", "n_folds", "dsc_mean", "dsc_std", "dsc_ci_low",
+AGGREGATE_COLUMNS = ["experiment", "backbone", "method", "n", "n_folds", "n_cohorts", "dsc_mean", "dsc_std", "dsc_ci_low",
                      "dsc_ci_high", "msd_median_mm",
                      "msd_median_finite_mm", "n_empty_pred", "n_both_empty_excluded", "n_no_gt_excluded",
                      "reference_method", "n_pairs", "wilcoxon_p", "p_note", "peak_on_nodule_rate",
@@ -180,10 +180,28 @@ def _paired_wilcoxon(ref: pd.Series, other: pd.Series) -> tuple[int, float, str]
     return n, float(wilcoxon(pairs["ref"], pairs["other"]).pvalue), ""
 
 
+def cohort_of(seriesuid: str) -> str:
+    """Which cohort a scan belongs to: ``"phantom seed <k>"`` for a phantom UID, ``""`` for any other (one dataset).
+
+    Folds are numbered 0–9 in every cohort, so rows pooled from several phantom cohorts (``tfg report --relabel``)
+    count a fold once per cohort.
+
+    Args:
+        seriesuid: the scan's series UID.
+    """
+    from tfg_core.data.phantom import parse_series_uid
+
+    try:
+        return f"phantom seed {parse_series_uid(seriesuid)[0]}"
+    except ValueError:
+        return ""
+
+
 def aggregate(rows: pd.DataFrame, reference_method: str = "tfg", experiment: str | None = None) -> pd.DataFrame:
     """One row per (backbone, method): Dice, MSD, counts and a paired test against ``reference_method``.
 
-    Scored cases are those with a ground-truth nodule (``gt_voxels > 0``), pooled over folds. Cases without one
+    Scored cases are those with a ground-truth nodule (``gt_voxels > 0``), pooled over folds (``n_folds`` counts
+    a fold once per cohort, ``n_cohorts`` the cohorts: :func:`cohort_of`). Cases without one
     are excluded from Dice/MSD and counted: ``n_no_gt_excluded`` (all of them) and ``n_both_empty_excluded``
     (those where prediction and ground truth are both empty, whose Dice/MSD are undefined).
 
@@ -239,7 +257,8 @@ def aggregate(rows: pd.DataFrame, reference_method: str = "tfg", experiment: str
             ci_low, ci_high = mean_ci(g["dsc"].to_numpy())
             out.append({
                 "experiment": exp_name, "backbone": backbone, "method": method,
-                "n": len(g), "n_folds": g["fold"].nunique(),
+                "n": len(g), "n_folds": len(set(zip(g["seriesuid"].map(cohort_of), g["fold"]))),
+                "n_cohorts": g["seriesuid"].map(cohort_of).nunique(),
                 "dsc_mean": g["dsc"].mean() if len(g) else math.nan,
                 "dsc_std": g["dsc"].std(ddof=DSC_DDOF) if len(g) else math.nan,
                 "dsc_ci_low": ci_low, "dsc_ci_high": ci_high,
@@ -344,7 +363,8 @@ def _notes(agg: pd.DataFrame, backbone_list: list, method_list: list) -> list[st
         g = g.loc[[m for m in method_list if m in g.index]]
         label = _label(BACKBONE_NAMES, b)
         counts.append(_per_backbone(g, label, lambda r: f"n = {int(r.n)} over {int(r.n_folds)} "
-                                                        f"fold{'s' if r.n_folds != 1 else ''}"))
+                                                        f"fold{'s' if r.n_folds != 1 else ''}"
+                                                        + (f" of {int(r.n_cohorts)} cohorts" if r.n_cohorts > 1 else "")))
         excluded.append(_per_backbone(g, label, lambda r: f"{int(r.n_no_gt_excluded)} "
                                                           f"({int(r.n_both_empty_excluded)} left empty, "
                                                           f"{int(r.n_no_gt_excluded - r.n_both_empty_excluded)} "
