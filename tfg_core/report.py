@@ -41,8 +41,8 @@ CI_LEVEL = 0.95
 CI_RESAMPLES = 10_000
 CI_SEED = 0
 
-AGGREGATE_COLUMNS = ["experiment", "backbone", "method", "n", "n_folds", "n_cohorts", "dsc_mean", "dsc_std", "dsc_ci_low",
-                     "dsc_ci_high", "msd_median_mm",
+AGGREGATE_COLUMNS = ["experiment", "backbone", "method", "n", "n_folds", "n_cohorts", "dsc_mean", "dsc_std",
+                     "dsc_ci_low", "dsc_ci_high", "msd_median_mm",
                      "msd_median_finite_mm", "n_empty_pred", "n_both_empty_excluded", "n_no_gt_excluded",
                      "reference_method", "n_pairs", "wilcoxon_p", "p_note", "peak_on_nodule_rate",
                      "peak_dist_median_mm"]
@@ -255,10 +255,10 @@ def aggregate(rows: pd.DataFrame, reference_method: str = "tfg", experiment: str
                 n_pairs, p, note = _paired_wilcoxon(dsc_by_case[backbone, reference_method],
                                                     dsc_by_case[backbone, method])
             ci_low, ci_high = mean_ci(g["dsc"].to_numpy())
+            cohorts = g["seriesuid"].map(cohort_of)
             out.append({
                 "experiment": exp_name, "backbone": backbone, "method": method,
-                "n": len(g), "n_folds": len(set(zip(g["seriesuid"].map(cohort_of), g["fold"]))),
-                "n_cohorts": g["seriesuid"].map(cohort_of).nunique(),
+                "n": len(g), "n_folds": len(set(zip(cohorts, g["fold"]))), "n_cohorts": cohorts.nunique(),
                 "dsc_mean": g["dsc"].mean() if len(g) else math.nan,
                 "dsc_std": g["dsc"].std(ddof=DSC_DDOF) if len(g) else math.nan,
                 "dsc_ci_low": ci_low, "dsc_ci_high": ci_high,
