@@ -186,6 +186,15 @@ def test_cli_method_names_are_the_evaluation_methods():
     for function in (evaluate_fold, run_demo, run_demo_folds):
         assert inspect.signature(function).parameters["refine"].default == EVALUATION_REFINE
     assert build_parser().parse_args(["demo"]).refine == EVALUATION_REFINE
+    # tfg demo starts guidance where the demo flow was measured to do best; tfg segment too with the demo flow, and
+    # where GuidanceConfig (the paper) does with MAISI-v2 (resolved in _segment, like the grid)
+    from tfg_core.cli import DEMO_START_INDEX as CLI_DEMO_START
+    from tfg_core.cli import START_INDEX as CLI_START
+    from tfg_core.demo import DEMO_START_INDEX
+
+    assert CLI_DEMO_START == DEMO_START_INDEX == build_parser().parse_args(["demo"]).start_index
+    assert CLI_START == GuidanceConfig().start_index
+    assert build_parser().parse_args(["segment", "x", "--out", "o"]).start_index is None
     assert MAP_SCALES == SCALES and SegmentConfig().map_scale == MAP_SCALES[0]
     assert CALIBRATION_SCANS == POPULATIONS
     assert "map_scale" not in SegmentConfig().as_dict()
@@ -236,3 +245,24 @@ def test_report_supersede_pools_a_rerun_with_an_earlier_run(tmp_path, capsys):
     assert "superseded by later files: 7 rows (tfg 7)" in capsys.readouterr().out
     aggregate = pd.read_csv(tmp_path / "r1" / "aggregate.csv").set_index("method")
     assert aggregate.loc["tfg", "dsc_mean"] == pytest.approx(0.5) and aggregate.loc["cam", "dsc_mean"] == pytest.approx(0.3)
+
+
+def test_segment_starts_guidance_where_its_flow_was_measured(monkeypatch):
+    """Without --start-index, tfg segment starts where tfg demo does with the demo flow and at GuidanceConfig's
+    (the paper's) step with MAISI-v2; an explicit value wins either way."""
+    import pandas as pd
+
+    import tfg_core.experiment
+    import tfg_core.pseudolabel
+    from tfg_core.demo import DEMO_START_INDEX
+    from tfg_core.guidance import GuidanceConfig
+
+    seen = []
+    monkeypatch.setattr(tfg_core.experiment, "load_flow", lambda *a, **k: None)
+    monkeypatch.setattr(tfg_core.experiment, "load_fold_predictor", lambda *a, **k: None)
+    monkeypatch.setattr(tfg_core.pseudolabel, "segment_inputs",
+                        lambda inputs, out, flow, predictor, config, *a, **k: seen.append(config.guidance.start_index)
+                        or pd.DataFrame(columns=["state"]))
+    for extra in ([], ["--flow", "maisi-v2"], ["--start-index", "20"], ["--flow", "maisi-v2", "--start-index", "20"]):
+        main(["segment", "scan.mhd", "--out", "o", "--quiet", *extra])
+    assert seen == [DEMO_START_INDEX, GuidanceConfig().start_index, 20, 20] and DEMO_START_INDEX != 15

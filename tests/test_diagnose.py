@@ -15,6 +15,7 @@ from tfg_core.data.cases import load_case
 from tfg_core.data.folds import fold_split
 from tfg_core.data.luna16 import build_manifest, read_annotations
 from tfg_core.diagnose import FAILURE_STAGES, diagnose_case, diagnose_rows, failure_stage
+from tfg_core.demo import DEMO_START_INDEX
 from tfg_core.evaluate import evaluate_fold, prepare
 from tfg_core.guidance import GuidanceConfig
 
@@ -114,16 +115,16 @@ def test_the_shipped_pipeline_reproduces_its_rows(cohort, tmp_path, capsys):
     torch.manual_seed(0)
     split = subsample_split(fold_split(manifest, 0), annotations, max_val=1, max_test=1)  # a nodule scan first
     flow, predictor = load_demo_flow(), load_fold_predictor(0)
-    rows, thresholds = evaluate_fold(root, manifest, annotations, split, flow, predictor, methods=("tfg",))
-    table = diagnose_rows(rows, root, manifest, annotations, flow, load_fold_predictor, progress=False)
+    config = GuidanceConfig(start_index=DEMO_START_INDEX)  # as tfg demo makes its rows
+    rows, thresholds = evaluate_fold(root, manifest, annotations, split, flow, predictor, config, methods=("tfg",))
+    table = diagnose_rows(rows, root, manifest, annotations, flow, load_fold_predictor, config, progress=False)
     scored = rows[rows.gt_voxels > 0]
     assert len(table) == len(scored) > 0 and list(table.seriesuid) == list(scored.seriesuid)
     assert np.allclose(table.dsc_again, scored.dsc, atol=1e-6)
     assert (table.threshold == thresholds["tfg"]).all() and set(table.stage) <= set(FAILURE_STAGES)
     assert (table.positive_slices_on_nodule <= table.nodule_slices).all()
     with pytest.raises(ValueError, match="other parameters"):
-        diagnose_rows(rows, root, manifest, annotations, flow, load_fold_predictor, GuidanceConfig(strength=2.0),
-                      progress=False)
+        diagnose_rows(rows, root, manifest, annotations, flow, load_fold_predictor, GuidanceConfig(), progress=False)
     # the script over the same rows (every scan: Dice below 1.01), as the README runs it
     results = tmp_path / "all_folds_results.csv"
     rows.to_csv(results, index=False)

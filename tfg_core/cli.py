@@ -16,6 +16,7 @@ DIFFERENCES = ("absolute", "removed")  # the first is the default
 DENSITY_CHANGES = ("decrease", "any")  # the first is the default
 REFINEMENTS = ("none", "density", "density_after")  # tfg_core.segment.REFINEMENTS (torch-free here)
 EVALUATION_REFINE = "density_after"  # tfg demo's default (tfg_core.segment.EVALUATION_REFINE); tfg segment: "none"
+START_INDEX, DEMO_START_INDEX = 15, 24  # GuidanceConfig's (the paper's) and tfg demo's (tfg_core.demo.DEMO_START_INDEX)
 GRADIENT_WEIGHTS = ("none", "cam")  # the first is the default (tfg_core.guidance.GRADIENT_WEIGHTS)
 MAP_SCALES = ("absolute", "scan")  # the first is the default (tfg_core.segment.MAP_SCALES)
 CALIBRATION_SCANS = ("nodules", "all")  # the first is the default (tfg_core.segment.CALIBRATION_SCANS)
@@ -99,7 +100,10 @@ def _segment(args: argparse.Namespace) -> int:
 
     threshold = args.threshold if args.threshold == "otsu" else float(args.threshold)
     grid = tuple(args.grid) if args.grid else (DEMO_GRID if args.flow == "demo" else None)
-    guidance = GuidanceConfig(start_index=args.start_index, guided_steps=args.guided_steps, strength=args.strength,
+    # like the grid, where guidance starts follows the flow: measured for the demo flow, the paper's for MAISI-v2
+    start_index = args.start_index if args.start_index is not None else (
+        DEMO_START_INDEX if args.flow == "demo" else START_INDEX)
+    guidance = GuidanceConfig(start_index=start_index, guided_steps=args.guided_steps, strength=args.strength,
                               inner_iterations=args.inner_iterations, loss=args.loss, slice_batch=args.slice_batch,
                               decoder=args.decoder, slab_slices=args.slab_slices, difference=args.difference,
                               density_change=args.density_change, gradient_weight=args.gradient_weight,
@@ -174,10 +178,11 @@ def _add_gradient_weight(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-power", type=float, default=1.0, help="exponent of the normalised CAM weight")
 
 
-def _add_schedule(p: argparse.ArgumentParser) -> None:
-    """Where guidance starts and how long it lasts (``GuidanceConfig``), the same for demo and segment."""
-    p.add_argument("--start-index", type=int, default=15,
-                   help="sampling step (of 30) where sampling restarts after the inversion and guidance begins")
+def _add_schedule(p: argparse.ArgumentParser, start_index: int | None, default_text: str) -> None:
+    """Where guidance starts and how long it lasts (``GuidanceConfig``), for demo and segment."""
+    p.add_argument("--start-index", type=int, default=start_index,
+                   help="sampling step (of 30) where sampling restarts after the inversion and guidance begins "
+                        f"(default {default_text})")
     p.add_argument("--guided-steps", type=int, default=5, help="guided sampling steps")
 
 
@@ -200,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="guidance direction: only darkening, the gradient's non-negative part (default, measured: "
                         "docs/measurement_log.md), or any (the paper's)")
     _add_gradient_weight(p)
-    _add_schedule(p)
+    _add_schedule(p, DEMO_START_INDEX, f"{DEMO_START_INDEX}, measured for the demo flow: docs/measurement_log.md")
     p.add_argument("--strength", type=float, default=1.0, help="guidance step size")
     p.add_argument("--refine", choices=REFINEMENTS, default=EVALUATION_REFINE,
                    help="post-processing of every method's mask: density_after (default: each component of the mask "
@@ -298,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--map-scale", choices=MAP_SCALES, default=MAP_SCALES[0],
                    help="absolute (default) or scan: the map as a fraction of its maximum in the lung, so a numeric "
                         "--threshold is that fraction")
-    _add_schedule(p)
+    _add_schedule(p, None, f"{DEMO_START_INDEX} with the demo flow, {START_INDEX} (the paper's) with MAISI-v2")
     p.add_argument("--strength", type=float, default=1.0, help="guidance step size")
     p.add_argument("--inner-iterations", type=int, default=1, help="gradient updates per guided step")
     p.add_argument("--loss", choices=("logit", "bce"), default="logit", help="guidance loss")
