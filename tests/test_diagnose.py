@@ -220,3 +220,12 @@ def test_slice_evidence_rows_reads_each_scans_calibrated_tfg_row_once(cohort, mo
     assert table.dsc.iloc[0] == 0.25 and np.isnan(table.dsc.iloc[1])
     assert (table.nodule_voxels > 0).tolist() == [True, False]
     assert (table.positive_slices > 0).all() and (table.top_slice == table.top_slice.iloc[0]).all()
+    # result files concatenated: a fold's rows apart from each other still load its predictor once, fold by fold
+    interleaved = pd.DataFrame([{"method": "tfg", "threshold_mode": "calibrated", "fold": f, "seriesuid": u, "dsc": d}
+                                for f, u, d in ((3, nodule_uid, 0.25), (1, healthy_uid, np.nan), (3, healthy_uid, 0.0),
+                                                (1, nodule_uid, 0.5))])
+    folds.clear()
+    table = diagnose.slice_evidence_rows(interleaved, root, manifest, annotations,
+                                         lambda fold: folds.append(fold) or torch.nn.Identity(), progress=False)
+    assert folds == [1, 3] and list(zip(table.fold, table.seriesuid)) == [
+        (1, healthy_uid), (1, nodule_uid), (3, nodule_uid), (3, healthy_uid)]

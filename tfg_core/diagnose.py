@@ -150,8 +150,8 @@ def diagnose_rows(rows: pd.DataFrame, root: str | os.PathLike, manifest: pd.Data
         progress: a bar over the scans.
 
     Returns:
-        One row per diagnosed scan: ``fold``, ``seriesuid``, ``dsc`` (as in the rows) and :func:`diagnose_case`'s
-        columns.
+        One row per diagnosed scan, fold by fold: ``fold``, ``seriesuid``, ``dsc`` (as in the rows) and
+        :func:`diagnose_case`'s columns.
     """
     config = config if config is not None else GuidanceConfig()
     todo = rows[(rows.method == "tfg") & (rows.threshold_mode == "calibrated") & (rows.gt_voxels > 0)]
@@ -167,7 +167,8 @@ def diagnose_rows(rows: pd.DataFrame, root: str | os.PathLike, manifest: pd.Data
                              "GuidanceConfig it was run with")
         protocol[row.fold, row.seriesuid] = (map_scale, refine)
     out = []
-    for row, prepared, predictor in _scans_of(todo, root, manifest, annotations, load_predictor, progress, "diagnosing"):
+    for row, prepared, predictor in _scans_of(todo, root, manifest, annotations, load_predictor, progress,
+                                              "diagnosing"):
         map_scale, refine = protocol[row.fold, row.seriesuid]
         found = diagnose_case(prepared, flow, predictor, float(row.threshold), config, map_scale, refine)
         out.append({"fold": int(row.fold), "seriesuid": row.seriesuid, "dsc": float(row.dsc), **found})
@@ -176,10 +177,12 @@ def diagnose_rows(rows: pd.DataFrame, root: str | os.PathLike, manifest: pd.Data
 
 def _scans_of(rows: pd.DataFrame, root, manifest: pd.DataFrame, annotations: pd.DataFrame,
               load_predictor: Callable[[int], torch.nn.Module], progress: bool, desc: str):
-    """Each row with its scan on the model grid and its fold's predictor (one fold's predictor in memory)."""
+    """Each row with its scan on the model grid and its fold's predictor, fold by fold (one predictor in memory,
+    each loaded once even when the rows of a fold are not together, e.g. several result files concatenated)."""
     by_uid = manifest.set_index("seriesuid", drop=False)
     loaded_fold, predictor = None, None
-    for row in tqdm(list(rows.itertuples(index=False)), disable=not progress, desc=desc):
+    in_fold_order = rows.sort_values("fold", kind="stable")  # stable: a fold's rows keep their order
+    for row in tqdm(list(in_fold_order.itertuples(index=False)), disable=not progress, desc=desc):
         if row.fold != loaded_fold:
             loaded_fold, predictor = row.fold, load_predictor(int(row.fold)).eval()
         yield row, prepare(load_case(root, by_uid.loc[row.seriesuid], annotations)), predictor
@@ -205,7 +208,8 @@ def slice_evidence(prepared: PreparedCase, predictor: torch.nn.Module, threshold
     """
     probs, nodule_slices = _slice_probabilities(prepared, predictor, slice_batch)
     top = int(probs.argmax())
-    return {"nodule_voxels": int(prepared.gt_grid.astype(bool).sum()), "positive_slices": int((probs >= threshold).sum()),
+    return {"nodule_voxels": int(prepared.gt_grid.astype(bool).sum()),
+            "positive_slices": int((probs >= threshold).sum()),
             "max_p": float(probs[top]), "top_slice": top, "top_slice_on_nodule": bool(top in set(nodule_slices)),
             "max_p_on_nodule": float(probs[nodule_slices].max()) if len(nodule_slices) else float("nan")}
 
@@ -225,8 +229,8 @@ def slice_evidence_rows(rows: pd.DataFrame, root: str | os.PathLike, manifest: p
         progress: a bar over the scans.
 
     Returns:
-        ``fold``, ``seriesuid``, ``dsc`` (the row's TFG Dice; NaN on healthy scans) and :func:`slice_evidence`'s
-        columns.
+        One row per scan, fold by fold: ``fold``, ``seriesuid``, ``dsc`` (the row's TFG Dice; NaN on healthy scans)
+        and :func:`slice_evidence`'s columns.
     """
     todo = rows[rows.method == "tfg"]
     if "threshold_mode" in todo:  # the calibrated row's Dice, not the Otsu one's
