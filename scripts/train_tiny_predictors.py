@@ -56,17 +56,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pretrained", type=Path, default=PRETRAINED_PATH,
                         help="backbone to start from (default: the shipped tiny_pretrained.pt; another one to try a "
                              "candidate pretraining, with --out-dir elsewhere)")
+    parser.add_argument("--clean-estimate-steps", type=int, nargs="*", default=[],
+                        help="also train on each training scan's demo-flow clean estimate at one of these sampling "
+                             "steps (e.g. 24 25 26 27 28, the demo's guided steps); default: inputs only")
     args = parser.parse_args(argv)
     pretrained = args.pretrained.resolve()
     shipped = pretrained == PRETRAINED_PATH.resolve()
 
     write_cohort(args.root, PhantomConfig())  # resumable: a complete cohort is only checked, not rewritten
     manifest_path = args.out_dir / "assets.json"
+    views: dict = {}  # clean-estimate views, computed once per scan for all folds of this run
     for fold in args.folds:
         name = f"tiny_predictor_fold{fold}.pt"
         start = time.perf_counter()
         result = finetune_fold(args.root, fold, "tiny", out=args.out_dir / name, progress=False, seed=0,
-                               iterations=args.iterations, pretrained_path=str(pretrained), members=args.members)
+                               iterations=args.iterations, pretrained_path=str(pretrained), members=args.members,
+                               clean_estimate_steps=tuple(args.clean_estimate_steps), view_cache=views)
         best = result["best"]
         test = held_out_slice_metrics(args.root, fold, args.out_dir / name)
         # read just before writing: another run (other folds, in parallel) may have added its entries meanwhile
@@ -76,11 +81,15 @@ def main(argv: list[str] | None = None) -> int:
             "command": f"python scripts/train_tiny_predictors.py --folds {fold}"
                        + (f" --iterations {args.iterations}" if args.iterations else "")
                        + (f" --members {args.members}" if args.members != MEMBERS else "")
-                       + ("" if shipped else f" --pretrained {args.pretrained}"),
+                       + ("" if shipped else f" --pretrained {args.pretrained}")
+                       + (" --clean-estimate-steps " + " ".join(map(str, args.clean_estimate_steps))
+                          if args.clean_estimate_steps else ""),
             "cohort": "PhantomConfig() seed 0", "fold": fold, "val_f1": best["f1"], "best_iteration": best["iteration"],
             "test_f1": test["f1"], "test_auc": test["auc"],
             "wall_s": round(time.perf_counter() - start, 1), "torch_threads": torch.get_num_threads(),
-            "config": {**TINY_DEFAULTS, "seed": 0, "members": args.members, "pretrained_path": (
+            "config": {**TINY_DEFAULTS, "seed": 0, "members": args.members,
+                       **({"clean_estimate_steps": args.clean_estimate_steps} if args.clean_estimate_steps else {}),
+                       "pretrained_path": (
                            f"tfg_core/assets/{PRETRAINED_PATH.name}" if shipped else str(args.pretrained)),
                        **({"iterations": args.iterations} if args.iterations else {})},
             "pretrained_sha256": sha256_file(pretrained),

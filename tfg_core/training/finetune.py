@@ -58,6 +58,11 @@ class FinetuneConfig:
             and saved at that operating point. ``"prior"``: the prior correction alone.
         bn_recalibration_batches: before each validation, recompute BatchNorm statistics over this many
             fresh training batches (0 = keep the running averages).
+        clean_estimate_steps: sampling steps of the flow (on its 30-step grid) at whose clean estimate x̂ each
+            training scan is added once more, as the guidance shows it to the classifier (one step per scan,
+            :mod:`tfg_core.training.flow_views`); empty = the inputs only. Read by
+            :func:`~tfg_core.training.run.finetune_fold`, which has the flow; :func:`finetune` trains on the cases
+            it is given.
     """
 
     backbone: str = "tiny"
@@ -74,10 +79,14 @@ class FinetuneConfig:
     prior_correction: bool = True
     operating_point: str = "val_f1"
     bn_recalibration_batches: int = 8
+    clean_estimate_steps: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.operating_point not in ("val_f1", "prior"):
             raise ValueError(f"operating_point must be 'val_f1' or 'prior', got {self.operating_point!r}")
+        self.clean_estimate_steps = tuple(int(s) for s in self.clean_estimate_steps)
+        if any(not 0 <= s < 30 for s in self.clean_estimate_steps):
+            raise ValueError(f"clean_estimate_steps must be sampling steps in [0, 30), got {self.clean_estimate_steps}")
 
 
 # Defaults for the CPU demo's tiny predictor where they differ from the paper's (FinetuneConfig): fewer iterations,

@@ -12,9 +12,11 @@ from tqdm.auto import tqdm
 from tfg_core.data.cases import load_case
 from tfg_core.data.folds import fold_split
 from tfg_core.data.luna16 import build_manifest, read_annotations, read_manifest
+from tfg_core.flow.base import FlowModel
 from tfg_core.io import sha256_file
 from tfg_core.training.ensemble import finetune_ensemble
 from tfg_core.training.finetune import config_for, finetune
+from tfg_core.training.flow_views import clean_estimate_cases
 from tfg_core.training.slice_data import SliceCase, slice_case_from
 
 MANIFEST_NAME = "manifest.csv"
@@ -52,6 +54,7 @@ def load_slice_cases(root: str | os.PathLike, manifest: pd.DataFrame, uids: Sequ
 
 def finetune_fold(root: str | os.PathLike, fold: int, backbone: str = "tiny", out: str | os.PathLike | None = None,
                   progress: bool = True, device: str = "cpu", ground_truth: str = "auto", members: int = 1,
+                  flow: FlowModel | None = None, view_cache: dict[str, SliceCase] | None = None,
                   **config: Any) -> dict[str, Any]:
     """Fine-tune ``backbone`` with test = subset ``fold``, validation = the next subset, training = the rest.
 
@@ -66,6 +69,10 @@ def finetune_fold(root: str | os.PathLike, fold: int, backbone: str = "tiny", ou
         members: 1 = one predictor; more = that many fine-tunes (seeds ``seed``, ``seed + 1``, …) combined into
             one :class:`~tfg_core.predictors.ensemble.EnsemblePredictor`
             (:func:`~tfg_core.training.ensemble.finetune_ensemble`).
+        flow: the prior whose clean estimates are added to the training scans when the config names
+            ``clean_estimate_steps`` (default: the shipped demo flow, whose grid is the phantoms'; pass MAISI-v2 for
+            real CT).
+        view_cache: clean-estimate views computed for earlier folds of the same cohort and flow (filled here).
         config: any :class:`FinetuneConfig` field (iterations, batch_size, lr, …); None = the backbone's default
             (:data:`~tfg_core.training.finetune.TINY_DEFAULTS` for ``tiny``, the paper's otherwise).
     """
@@ -76,6 +83,13 @@ def finetune_fold(root: str | os.PathLike, fold: int, backbone: str = "tiny", ou
     split = fold_split(manifest, fold)
     train = load_slice_cases(root, manifest, split.train, ground_truth, progress)
     val = load_slice_cases(root, manifest, split.val, ground_truth, progress)
+    if cfg.clean_estimate_steps:  # x̂ views of the training scans only: validation stays on inputs
+        if flow is None:
+            from tfg_core.flow.demo import load_demo_flow
+
+            flow = load_demo_flow(device=device)
+        train = train + clean_estimate_cases(train, flow, cfg.clean_estimate_steps, seed=cfg.seed, cache=view_cache,
+                                             progress=progress)
     out = Path(out) if out is not None else Path("runs/finetune") / f"{backbone}_fold{fold}.pt"
     digest = sha256_file(manifest_path)
     if members > 1:
