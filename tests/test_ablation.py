@@ -94,7 +94,10 @@ def test_the_notebook_sweeps_the_default_sweep():
     import papermill as pm
 
     from tfg_core.ablation import DEFAULT_SWEEP
+    from tfg_core.experiment import default_guidance
 
     notebook = Path(__file__).resolve().parents[1] / "notebooks" / "04_ablations.ipynb"
     assert ast.literal_eval(pm.inspect_notebook(str(notebook))["sweep"]["default"]) == DEFAULT_SWEEP
-    assert len(one_at_a_time(GuidanceConfig())) == 1 + sum(len(v) - 1 for v in DEFAULT_SWEEP.values()) + 1
+    # centred on either flow's defaults, every swept value is a valid setting and the base value appears once
+    for base in (GuidanceConfig(), default_guidance("demo")):
+        assert len(one_at_a_time(base)) == 1 + sum(len(v) - 1 for v in DEFAULT_SWEEP.values()) + 1

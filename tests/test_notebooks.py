@@ -118,9 +118,18 @@ def test_guided_sampling_notebook_runs_headless_with_its_diagnosis(tmp_path, pha
     from tfg_core.diagnose import FAILURE_STAGES
     from tfg_core.guidance import GuidanceConfig
 
+    from tfg_core.demo import DEMO_START_INDEX
+    from tfg_core.experiment import default_guidance
+
     params = pm.inspect_notebook(str(NOTEBOOKS[[p.name for p in NOTEBOOKS].index("03_guided_sampling.ipynb")]))
-    for name in ("start_index", "guided_steps", "strength"):
+    for name in ("guided_steps", "strength"):
         assert params[name]["default"] == repr(getattr(GuidanceConfig(), name))
+    # -1: the flow's own start, what `tfg demo` (demo flow) and `tfg segment --flow maisi-v2` use
+    assert params["start_index"]["default"] == "-1"
+    assert default_guidance("demo") == GuidanceConfig(start_index=DEMO_START_INDEX)
+    assert default_guidance("maisi-v2") == GuidanceConfig()
+    with pytest.raises(ValueError, match="flow must be one of"):
+        default_guidance("maisi")
     phantom_copy(tmp_path / "phantom")
     executed = run_notebook("03_guided_sampling.ipynb", tmp_path, data_root=str(tmp_path / "phantom"), fold=0,
                             start_index=26, guided_steps=2, baselines=["cam"], out_dir=str(tmp_path / "out"),

@@ -110,6 +110,26 @@ def resolve_path(path: str | os.PathLike) -> Path:
 FLOWS = ("demo", "maisi-v2")
 
 
+def default_guidance(flow: str = "demo"):
+    """The guidance parameters ``tfg demo`` and ``tfg segment`` use with ``flow``, for notebooks to start from.
+
+    The demo flow starts guiding at :data:`tfg_core.demo.DEMO_START_INDEX` (measured on fresh phantom cohorts);
+    MAISI-v2 keeps :class:`~tfg_core.guidance.GuidanceConfig`'s defaults, the paper's.
+
+    Args:
+        flow: ``"demo"`` or ``"maisi-v2"``.
+    """
+    from tfg_core.guidance import GuidanceConfig
+
+    if flow == "demo":
+        from tfg_core.demo import DEMO_START_INDEX
+
+        return GuidanceConfig(start_index=DEMO_START_INDEX)
+    if flow == "maisi-v2":
+        return GuidanceConfig()
+    raise ValueError(f"flow must be one of {FLOWS}, got {flow!r}")
+
+
 def load_flow(name: str = "demo", autoencoder: str | os.PathLike | None = None, unet: str | os.PathLike | None = None,
               device: str = "cpu"):
     """The rectified-flow prior a notebook guides: the shipped CPU demo flow or MAISI-v2 with its real weights.
