@@ -24,8 +24,8 @@ from tfg_core.training.slice_data import SliceCase
 
 
 @torch.no_grad()
-def clean_estimate_volumes(flow: FlowModel, volume: np.ndarray, steps: Sequence[int],
-                           num_steps: int = 30) -> dict[int, np.ndarray]:
+def clean_estimate_volumes(flow: FlowModel, volume: np.ndarray, steps: Sequence[int], num_steps: int = 30,
+                           device: str | torch.device = "cpu") -> dict[int, np.ndarray]:
     """The decoded clean estimate of one scan at each requested sampling step of the unguided inversion.
 
     The scan is encoded and inverted as :func:`tfg_core.guidance.guide` inverts it (backward Euler on the flow's
@@ -37,6 +37,7 @@ def clean_estimate_volumes(flow: FlowModel, volume: np.ndarray, steps: Sequence[
         volume: (z, y, x) image in [0, 1] on the flow's grid.
         steps: sampling step indices in ``[0, num_steps)``.
         num_steps: sampling grid length.
+        device: where the flow lives (the estimates come back as CPU arrays).
 
     Returns:
         step index → (z, y, x) float32 clean estimate, clipped to [0, 1] like the inputs.
@@ -46,7 +47,7 @@ def clean_estimate_volumes(flow: FlowModel, volume: np.ndarray, steps: Sequence[
         return {}
     if wanted[0] < 0 or wanted[-1] >= num_steps:
         raise ValueError(f"steps must lie in [0, {num_steps}), got {list(steps)}")
-    x = torch.as_tensor(np.asarray(volume, dtype=np.float32))[None, None]
+    x = torch.as_tensor(np.asarray(volume, dtype=np.float32), device=device)[None, None]
     z = flow.encode(x)
     grid = flow.timesteps(num_steps, latent_shape=tuple(z.shape))
     latents = {}
@@ -57,7 +58,7 @@ def clean_estimate_volumes(flow: FlowModel, volume: np.ndarray, steps: Sequence[
     for index in wanted:
         t = grid[index]
         x_hat = flow.decode(clean_estimate(latents[index], flow.velocity(latents[index], t), t))[0, 0]
-        out[index] = x_hat.clamp(0.0, 1.0).numpy().astype(np.float32)
+        out[index] = x_hat.clamp(0.0, 1.0).float().cpu().numpy()
     return out
 
 
@@ -77,7 +78,7 @@ def view_step(uid: str, steps: Sequence[int], seed: int = 0) -> int:
 
 def clean_estimate_cases(cases: Sequence[SliceCase], flow: FlowModel, steps: Sequence[int], seed: int = 0,
                          num_steps: int = 30, cache: dict[str, SliceCase] | None = None,
-                         progress: bool = False) -> list[SliceCase]:
+                         device: str | torch.device = "cpu", progress: bool = False) -> list[SliceCase]:
     """One clean-estimate view of every scan, at a sampling step drawn per scan from ``steps`` (:func:`view_step`).
 
     One view per scan (not one per step) keeps inputs and views one to one in the training set, so the classifier
@@ -91,6 +92,7 @@ def clean_estimate_cases(cases: Sequence[SliceCase], flow: FlowModel, steps: Seq
         num_steps: sampling grid length.
         cache: views computed before, by view uid; new views are added to it (one dict for all folds of a cohort
             saves recomputing a scan's view in every fold; only valid for one flow).
+        device: where the flow lives.
         progress: progress bar.
 
     Returns:
@@ -102,7 +104,7 @@ def clean_estimate_cases(cases: Sequence[SliceCase], flow: FlowModel, steps: Seq
         step = view_step(case.uid, steps, seed)
         name = f"{case.uid}@xhat{step}"
         if name not in cache:
-            x_hat = clean_estimate_volumes(flow, case.volume, [step], num_steps)[step]
+            x_hat = clean_estimate_volumes(flow, case.volume, [step], num_steps, device)[step]
             if x_hat.shape != case.volume.shape:
                 raise ValueError(f"{case.uid}: the flow decoded shape {x_hat.shape} from a scan of shape "
                                  f"{case.volume.shape}; the scan is not on the flow's grid")

@@ -89,7 +89,7 @@ def finetune_fold(root: str | os.PathLike, fold: int, backbone: str = "tiny", ou
 
             flow = load_demo_flow(device=device)
         train = train + clean_estimate_cases(train, flow, cfg.clean_estimate_steps, seed=cfg.seed, cache=view_cache,
-                                             progress=progress)
+                                             device=device, progress=progress)
     out = Path(out) if out is not None else Path("runs/finetune") / f"{backbone}_fold{fold}.pt"
     digest = sha256_file(manifest_path)
     if members > 1:
