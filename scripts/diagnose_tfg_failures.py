@@ -16,16 +16,15 @@ largest difference to the rows' Dice is printed, so a diagnosis that does not re
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
 import pandas as pd
 
-from tfg_core.demo import DEMO_START_INDEX
 from tfg_core.diagnose import FAILURE_STAGES, diagnose_rows
-from tfg_core.experiment import DATASETS, FLOWS, load_flow, load_fold_predictor, open_cohort
-from tfg_core.guidance import GuidanceConfig
+from tfg_core.experiment import DATASETS, FLOWS, default_guidance, load_flow, load_fold_predictor, open_cohort
 from tfg_core.io import atomic_write_text
 
 
@@ -44,16 +43,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", default="",
                         help="each fold's predictor, with {fold} in the path (empty: the shipped tiny predictors)")
     parser.add_argument("--guidance", default="{}",
-                        help="GuidanceConfig fields the rows were run with, as JSON (with --flow demo, start_index "
-                             "defaults to tfg demo's, tfg_core.demo.DEMO_START_INDEX)")
+                        help="GuidanceConfig fields the rows were run with, as JSON, over the flow's defaults "
+                             "(tfg_core.experiment.default_guidance: with --flow demo, tfg demo's start index)")
     parser.add_argument("--max-dice", type=float, default=0.3, help="diagnose TFG scans with a Dice below this")
     parser.add_argument("--out", type=Path, default=None, help="table CSV (default: beside the first results)")
     args = parser.parse_args(argv)
     try:
-        fields = json.loads(args.guidance)
-        if args.flow == "demo" and isinstance(fields, dict):  # rows of tfg demo start where it starts
-            fields.setdefault("start_index", DEMO_START_INDEX)
-        config = GuidanceConfig(**fields)
+        # the fields over the flow's own defaults: rows of tfg demo start where it starts
+        config = dataclasses.replace(default_guidance(args.flow), **json.loads(args.guidance))
     except (TypeError, ValueError) as error:  # bad JSON, an unknown field or a value GuidanceConfig refuses
         parser.error(f"--guidance {args.guidance!r}: {error}")
 
