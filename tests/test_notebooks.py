@@ -115,11 +115,10 @@ def test_preprocess_finetune_and_ablation_notebooks_chain(tmp_path, phantom_copy
 def test_guided_sampling_notebook_runs_headless_with_its_diagnosis(tmp_path, phantom_copy):
     """03 without widgets (papermill, as in a batch), with few steps: montages, NIfTI maps, the trajectory and the
     failure stage; its parameters' defaults are the guidance loop's."""
-    from tfg_core.diagnose import FAILURE_STAGES
-    from tfg_core.guidance import GuidanceConfig
-
     from tfg_core.demo import DEMO_START_INDEX
+    from tfg_core.diagnose import FAILURE_STAGES
     from tfg_core.experiment import default_guidance
+    from tfg_core.guidance import GuidanceConfig
 
     params = pm.inspect_notebook(str(NOTEBOOKS[[p.name for p in NOTEBOOKS].index("03_guided_sampling.ipynb")]))
     for name in ("guided_steps", "strength"):
@@ -132,14 +131,16 @@ def test_guided_sampling_notebook_runs_headless_with_its_diagnosis(tmp_path, pha
         default_guidance("maisi")
     phantom_copy(tmp_path / "phantom")
     executed = run_notebook("03_guided_sampling.ipynb", tmp_path, data_root=str(tmp_path / "phantom"), fold=0,
-                            start_index=26, guided_steps=2, baselines=["cam"], out_dir=str(tmp_path / "out"),
+                            start_index=-1, guided_steps=2, baselines=["cam"], out_dir=str(tmp_path / "out"),
                             interactive=False, progress=False)
     out = tmp_path / "out"
     assert len(list(out.glob("*_slices.png"))) == 1 and len(list(out.glob("*_steps.png"))) == 1
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in out.glob("*.png"))
     assert len(list(out.glob("*_counterfactual.nii.gz"))) == 1 and len(list(out.glob("*_tfg_diff.nii.gz"))) == 1
     steps = pd.read_csv(next(out.glob("*_trajectory.csv")))
-    assert steps.phase.value_counts().to_dict() == {"invert": 4, "guided": 2, "free": 2, "encode": 1, "final": 1}
+    # -1 resolved to the demo flow's start (24 of 30): 6 inversion steps, then 6 sampling steps, 2 of them guided
+    assert steps.phase.value_counts().to_dict() == {"invert": 30 - DEMO_START_INDEX, "guided": 2,
+                                                    "free": 30 - DEMO_START_INDEX - 2, "encode": 1, "final": 1}
     executed = nbformat.read(executed, as_version=4)
     shown = [o for c in executed.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(shown) == 2  # both montages displayed in the notebook
