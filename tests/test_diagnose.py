@@ -229,3 +229,65 @@ def test_slice_evidence_rows_reads_each_scans_calibrated_tfg_row_once(cohort, mo
                                          lambda fold: folds.append(fold) or torch.nn.Identity(), progress=False)
     assert folds == [1, 3] and list(zip(table.fold, table.seriesuid)) == [
         (1, healthy_uid), (1, nodule_uid), (3, nodule_uid), (3, healthy_uid)]
+
+
+def _evidence_and_rows():
+    """Four nodule scans (two detected) and a healthy one; TFG, the oracle and IG scored on them."""
+    evidence = pd.DataFrame({
+        "fold": [0, 0, 1, 1, 1], "seriesuid": ["a", "b", "c", "d", "h"], "dsc": [0.8, 0.0, 0.4, 0.1, np.nan],
+        "nodule_voxels": [20, 3, 40, 2, 0], "positive_slices": [3, 0, 2, 1, 0],
+        "max_p_on_nodule": [0.9, 0.2, 0.5, 0.49, np.nan]})
+    dice = {"tfg": [0.8, 0.0, 0.4, 0.1, np.nan], "oracle": [0.9, 0.6, 0.7, 0.5, np.nan],
+            "ig": [0.7, 0.3, 0.5, 0.2, np.nan]}
+    rows = pd.DataFrame([{"method": m, "threshold_mode": "calibrated", "fold": f, "seriesuid": u, "dsc": d}
+                         for m, values in dice.items()
+                         for f, u, d in zip(evidence.fold, evidence.seriesuid, values)])
+    return evidence, rows
+
+
+def test_detection_ceiling_bounds_tfg_by_the_scans_the_classifier_detects():
+    evidence, rows = _evidence_and_rows()
+    # an Otsu row and an earlier duplicate must not be read
+    extra = pd.DataFrame([{"method": "tfg", "threshold_mode": "otsu", "fold": 0, "seriesuid": "b", "dsc": 0.9},
+                          {"method": "ig", "threshold_mode": "calibrated", "fold": 1, "seriesuid": "d", "dsc": 0.9}])
+    table = diagnose.detection_table(evidence, pd.concat([extra, rows], ignore_index=True))
+    assert list(table.seriesuid) == ["a", "b", "c", "d"]  # nodule scans only
+    assert table.detected.tolist() == [True, False, True, False]  # p >= 0.5 on a slice through the nodule
+    assert table.set_index("seriesuid").loc["b", "tfg"] == 0.0 and table.set_index("seriesuid").loc["d", "ig"] == 0.2
+    summary = diagnose.detection_ceiling(table).set_index("method")
+    assert summary.loc["tfg", "mean"] == pytest.approx(0.325)
+    assert summary.loc["tfg", "mean_detected"] == pytest.approx(0.6)
+    assert summary.loc["tfg", "mean_missed"] == pytest.approx(0.05)
+    assert summary.loc["ig", "mean_missed"] == pytest.approx(0.25)
+    assert (summary.detected == 2).all() and (summary.n == 4).all()
+    assert summary.loc["ceiling: Dice 1 where detected", "mean"] == pytest.approx(0.5)
+    assert summary.loc["ceiling: oracle where detected", "mean"] == pytest.approx((0.9 + 0.7) / 4)
+    # without the oracle on every scan there is no oracle bound
+    partial = table.assign(oracle=[0.9, np.nan, 0.7, 0.5])
+    assert "ceiling: oracle where detected" not in set(diagnose.detection_ceiling(partial).method)
+    # a lower positive threshold counts more scans as detected
+    assert diagnose.detection_table(evidence, rows, threshold=0.4).detected.sum() == 3
+
+
+def test_detection_table_refuses_rows_of_another_run():
+    evidence, rows = _evidence_and_rows()
+    with pytest.raises(ValueError, match="no result row, e.g. fold 1 c"):
+        diagnose.detection_table(evidence, rows[rows.seriesuid != "c"])
+    with pytest.raises(ValueError, match="no scan with a nodule"):
+        diagnose.detection_table(evidence[evidence.nodule_voxels == 0], rows)
+
+
+def test_detection_ceiling_script_pools_written_tables(tmp_path, capsys):
+    script = runpy.run_path(str(Path(__file__).resolve().parents[1] / "scripts" / "detection_ceiling.py"))
+    evidence, rows = _evidence_and_rows()
+    table = diagnose.detection_table(evidence, rows)
+    table.iloc[:2].to_csv(tmp_path / "a.csv", index=False)
+    table.iloc[2:].to_csv(tmp_path / "b.csv", index=False)
+    assert script["main"](["--tables", str(tmp_path / "a.csv"), str(tmp_path / "b.csv")]) == 0
+    printed = capsys.readouterr().out
+    assert "4 nodule scans, 2 detected" in printed
+    assert "ceiling: oracle where detected" in printed and "0.4" in printed
+    with pytest.raises(SystemExit):  # results and --tables together
+        script["main"]([str(tmp_path / "r.csv"), "--tables", str(tmp_path / "a.csv")])
+    with pytest.raises(SystemExit):
+        script["main"](["--tables", str(tmp_path / "missing.csv")])

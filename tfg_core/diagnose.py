@@ -242,3 +242,74 @@ def slice_evidence_rows(rows: pd.DataFrame, root: str | os.PathLike, manifest: p
         found = slice_evidence(prepared, predictor, threshold)
         out.append({"fold": int(row.fold), "seriesuid": row.seriesuid, "dsc": float(row.dsc), **found})
     return pd.DataFrame.from_records(out)
+
+
+def detection_table(evidence: pd.DataFrame, rows: pd.DataFrame, threshold: float = 0.5) -> pd.DataFrame:
+    """Per nodule scan: did the classifier call a slice through the nodule positive, and each method's Dice.
+
+    Step 1 of the module docstring decides the rest: on a scan where no slice through the nodule is positive, the
+    guidance never pushes on the nodule. Joining :func:`slice_evidence_rows` with the result rows of every method
+    shows how much of a method's mean Dice sits on the scans TFG can reach at all, and what TFG could reach if it did
+    as well as a reference (the oracle) on those (:func:`detection_ceiling`).
+
+    Args:
+        evidence: :func:`slice_evidence_rows` output (``fold``, ``seriesuid``, ``nodule_voxels``,
+            ``max_p_on_nodule``, …).
+        rows: result rows of the same scans (``method``, ``fold``, ``seriesuid``, ``dsc``; calibrated rows are read
+            when ``threshold_mode`` is present). A scan scored by a method in several rows keeps the last one.
+        threshold: the guidance's positive threshold the evidence was read at.
+
+    Returns:
+        One row per nodule scan: ``fold``, ``seriesuid``, ``nodule_voxels``, ``max_p_on_nodule``, ``detected``
+        (``max_p_on_nodule >= threshold``) and one Dice column per method found in ``rows``.
+    """
+    nodules = evidence[evidence.nodule_voxels > 0]
+    if nodules.empty:
+        raise ValueError("the slice evidence holds no scan with a nodule")
+    scored = rows[rows.threshold_mode == "calibrated"] if "threshold_mode" in rows else rows
+    dice = (scored.drop_duplicates(["method", "fold", "seriesuid"], keep="last")
+            .pivot(index=["fold", "seriesuid"], columns="method", values="dsc"))
+    dice.columns = [str(c) for c in dice.columns]
+    table = nodules[["fold", "seriesuid", "nodule_voxels", "max_p_on_nodule"]].copy()
+    table["detected"] = table.max_p_on_nodule >= threshold
+    table = table.merge(dice.reset_index(), on=["fold", "seriesuid"], how="left")
+    unscored = table[[c for c in dice.columns]].isna().all(axis=1)
+    if unscored.any():
+        first = table[unscored].iloc[0]
+        raise ValueError(f"{int(unscored.sum())} nodule scan(s) of the evidence have no result row, e.g. fold "
+                         f"{first.fold} {first.seriesuid}: evidence and rows come from different runs or cohorts")
+    return table
+
+
+def detection_ceiling(table: pd.DataFrame, reference: str = "oracle") -> pd.DataFrame:
+    """Each method's mean Dice on all nodule scans, on those the classifier detects and on the rest, and two bounds.
+
+    Args:
+        table: :func:`detection_table` output (several cohorts may be concatenated).
+        reference: the method whose Dice on the detected scans (0 on the rest) bounds what TFG could reach with
+            this classifier; the healthy-twin oracle is the ceiling of any method comparing two reconstructions.
+
+    Returns:
+        One row per method (``method``, ``n``, ``mean``, ``mean_detected``, ``mean_missed``), then the row
+        ``ceiling: Dice 1 where detected`` (the share of detected scans) and, when ``reference`` was scored on
+        every scan, ``ceiling: <reference> where detected``. ``n`` counts the scans the method was scored on.
+    """
+    methods = [c for c in table.columns if c not in ("fold", "seriesuid", "nodule_voxels", "max_p_on_nodule",
+                                                     "detected", "cohort")]
+    detected = table.detected.astype(bool)
+    records = []
+    for method in methods:
+        scored = table[method].notna()
+        d = table[method]
+        records.append({"method": method, "n": int(scored.sum()), "mean": float(d[scored].mean()),
+                        "mean_detected": float(d[scored & detected].mean()),
+                        "mean_missed": float(d[scored & ~detected].mean())})
+    records.append({"method": "ceiling: Dice 1 where detected", "n": len(table), "mean": float(detected.mean()),
+                    "mean_detected": 1.0, "mean_missed": 0.0})
+    if reference in table and table[reference].notna().all():
+        bound = table[reference].where(detected, 0.0)
+        records.append({"method": f"ceiling: {reference} where detected", "n": len(table), "mean": float(bound.mean()),
+                        "mean_detected": float(table[reference][detected].mean()), "mean_missed": 0.0})
+    out = pd.DataFrame.from_records(records)
+    out.insert(2, "detected", int(detected.sum()))
+    return out

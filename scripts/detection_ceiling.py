@@ -1,0 +1,66 @@
+"""How much of TFG's Dice the slice classifier allows: the nodule scans it detects, and what TFG could reach on them.
+
+Run on one cohort's ``tfg demo`` rows (classifier calls only, about a second a scan):
+``python scripts/detection_ceiling.py outputs/h4a/demo/all_folds_results.csv outputs/h4b/demo/all_folds_results.csv
+--cohort-seed 4 --root outputs/h4/phantom_seed4`` writes ``detection.csv`` beside the first CSV and prints each
+method's mean Dice on all nodule scans, on the detected ones (a slice through the nodule called positive on the
+input, so guidance pushes on it) and on the rest, and two bounds on TFG's mean with this classifier: every detected
+scan at Dice 1, and every detected scan at the oracle's Dice (the healthy twin through the autoencoder), 0 on the
+rest. Several cohorts' tables are pooled with ``--tables a/detection.csv b/detection.csv`` (no classifier call).
+Rows of several runs of one cohort (e.g. TFG in one, the oracle or IG in another) may be passed together; a scan
+scored by a method twice keeps the row of the file listed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from tfg_core.diagnose import detection_ceiling, detection_table, slice_evidence_rows
+from tfg_core.experiment import load_fold_predictor, open_cohort
+from tfg_core.io import atomic_write_text
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", nargs="*", type=Path, help="all_folds_results.csv of tfg demo runs of one cohort")
+    parser.add_argument("--root", type=Path, default=Path("outputs/phantom"), help="the phantom cohort's tree")
+    parser.add_argument("--cohort-seed", type=int, default=0,
+                        help="phantom cohort seed the rows were made on (tfg demo --cohort-seed; 0 = evaluation)")
+    parser.add_argument("--threshold", type=float, default=0.5, help="the guidance's positive threshold")
+    parser.add_argument("--out", type=Path, default=None, help="table CSV (default: detection.csv beside the first "
+                                                                 "results)")
+    parser.add_argument("--tables", nargs="+", type=Path, default=None,
+                        help="pool detection.csv tables written earlier instead of reading results")
+    args = parser.parse_args(argv)
+    if bool(args.results) == bool(args.tables):
+        parser.error("give either result CSVs of one cohort or --tables of earlier runs")
+
+    if args.tables:
+        missing = [p for p in args.tables if not p.is_file()]
+        if missing:
+            parser.error(f"no such table: {missing[0]}")
+        table = pd.concat([pd.read_csv(p) for p in args.tables], ignore_index=True)
+    else:
+        rows = pd.concat([pd.read_csv(p) for p in args.results], ignore_index=True)
+        cohort = open_cohort("phantom", args.root, phantom_seed=args.cohort_seed)
+        evidence = slice_evidence_rows(rows, cohort.root, cohort.manifest, cohort.annotations, load_fold_predictor,
+                                       args.threshold)
+        table = detection_table(evidence, rows, args.threshold)
+        table.insert(0, "cohort", args.cohort_seed)
+        out = args.out or args.results[0].with_name("detection.csv")
+        atomic_write_text(out, table.to_csv(index=False))
+        print(f"wrote {out}")
+    summary = detection_ceiling(table)
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        print(f"{len(table)} nodule scans, {int(table.detected.sum())} detected (a slice through the nodule called "
+              f"positive)")
+        print(summary.round(3).to_string(index=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
