@@ -79,6 +79,20 @@ def test_per_range_statistics_match_a_direct_computation():
         in markdown
 
 
+def test_a_method_scored_on_fewer_scans_does_not_set_the_ranges_count():
+    # pooled runs: CAM only on fold 0 and listed first, TFG on both folds
+    rows = _rows(np.random.default_rng(4))
+    rows = rows[(rows.method == "tfg") | (rows.fold == 0)].sort_values("method")
+    strata = aggregate_by_size(rows, _annotations())
+    assert (strata.range_scans == 6).all()
+    assert set(strata[strata.method == "cam"].n) == {3} and set(strata[strata.method == "tfg"].n) == {6}
+    markdown = by_size_markdown(strata)
+    assert "< 10 mm (n = 6, median 7.5 mm)" in markdown
+    cam_lines = [line for line in markdown.splitlines() if line.startswith("| CAM")]
+    assert cam_lines and cam_lines[0].count("(n = 3)") == 3
+    assert "(n = " not in next(line for line in markdown.splitlines() if line.startswith("| TFG"))
+
+
 def test_a_scored_scan_without_annotation_is_refused_by_name():
     annotations = _annotations()
     with pytest.raises(ValueError, match="f1s4"):

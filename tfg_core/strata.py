@@ -96,6 +96,8 @@ def aggregate_by_size(rows: pd.DataFrame, annotations: pd.DataFrame, edges: Sequ
     """:func:`tfg_core.report.aggregate` within each size range, the range in a first column ``size``.
 
     Ranges without a scored scan are left out. Healthy scans are not in any range (they have no nodule).
+    ``range_scans`` counts the range's scans over every method; a method's own ``n`` is smaller when it was run on
+    only some of them (several runs pooled, e.g. a baseline run on some cohorts only).
 
     Args:
         rows: tidy per-case rows.
@@ -110,8 +112,10 @@ def aggregate_by_size(rows: pd.DataFrame, annotations: pd.DataFrame, edges: Sequ
         part = sized[sized["size"] == label]
         if len(part):
             agg = aggregate(part.drop(columns=["size", "diameter_mm"]), reference_method=reference_method)
+            scans = part.drop_duplicates(["fold", "seriesuid"])  # over every method: pooled runs may differ in n
             agg.insert(0, "size", label)
-            agg.insert(1, "diameter_median_mm", float(part.drop_duplicates(["fold", "seriesuid"])["diameter_mm"].median()))
+            agg.insert(1, "range_scans", len(scans))
+            agg.insert(2, "diameter_median_mm", float(scans["diameter_mm"].median()))
             parts.append(agg)
     if not parts:
         raise ValueError("no scored scan (with a nodule) in the rows")
@@ -122,7 +126,9 @@ def _cell(r) -> str:
     if r is None or not np.isfinite(r.dsc_mean):
         return MISSING
     interval = f" [{r.dsc_ci_low:.2f}–{r.dsc_ci_high:.2f}]" if np.isfinite(r.dsc_ci_low) else ""
-    return f"{r.dsc_mean:.3f}{interval}, {int(r.n_empty_pred)} empty"
+    # a method scored on fewer of the range's scans than the header counts (runs pooled with other methods) says so
+    subset = f" (n = {int(r.n)})" if int(r.n) != int(r.range_scans) else ""
+    return f"{r.dsc_mean:.3f}{interval}, {int(r.n_empty_pred)} empty{subset}"
 
 
 def by_size_markdown(strata: pd.DataFrame, backbones: Sequence[str] = DEFAULT_BACKBONES,
@@ -141,7 +147,8 @@ def by_size_markdown(strata: pd.DataFrame, backbones: Sequence[str] = DEFAULT_BA
         of_backbone = strata[strata["backbone"] == backbone]
         cells = of_backbone.set_index(["method", "size"])
         counts = of_backbone.drop_duplicates("size").set_index("size")
-        header = ["Method"] + [f"{s} (n = {int(counts.loc[s, 'n'])}, median {counts.loc[s, 'diameter_median_mm']:.1f} mm)"
+        header = ["Method"] + [f"{s} (n = {int(counts.loc[s, 'range_scans'])}, "
+                               f"median {counts.loc[s, 'diameter_median_mm']:.1f} mm)"
                                for s in sizes if s in counts.index]
         lines += [f"{BACKBONE_NAMES.get(backbone, backbone)}:", "",
                   "| " + " | ".join(header) + " |", "|" + "|".join(["---"] + [":---:"] * (len(header) - 1)) + "|"]
