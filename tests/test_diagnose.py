@@ -264,7 +264,9 @@ def test_detection_ceiling_bounds_tfg_by_the_scans_the_classifier_detects():
     assert summary.loc["ceiling: oracle where detected", "mean"] == pytest.approx((0.9 + 0.7) / 4)
     # without the oracle on every scan there is no oracle bound
     partial = table.assign(oracle=[0.9, np.nan, 0.7, 0.5])
-    assert "ceiling: oracle where detected" not in set(diagnose.detection_ceiling(partial).method)
+    partial_summary = diagnose.detection_ceiling(partial).set_index("method")
+    assert "ceiling: oracle where detected" not in partial_summary.index
+    assert tuple(partial_summary.loc["oracle", ["n", "detected"]]) == (3, 2)  # counted where it was scored
     # a lower positive threshold counts more scans as detected
     assert diagnose.detection_table(evidence, rows, threshold=0.4).detected.sum() == 3
 

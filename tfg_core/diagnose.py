@@ -273,7 +273,7 @@ def detection_table(evidence: pd.DataFrame, rows: pd.DataFrame, threshold: float
     table = nodules[["fold", "seriesuid", "nodule_voxels", "max_p_on_nodule"]].copy()
     table["detected"] = table.max_p_on_nodule >= threshold
     table = table.merge(dice.reset_index(), on=["fold", "seriesuid"], how="left")
-    unscored = table[[c for c in dice.columns]].isna().all(axis=1)
+    unscored = table[list(dice.columns)].isna().all(axis=1)
     if unscored.any():
         first = table[unscored].iloc[0]
         raise ValueError(f"{int(unscored.sum())} nodule scan(s) of the evidence have no result row, e.g. fold "
@@ -290,9 +290,10 @@ def detection_ceiling(table: pd.DataFrame, reference: str = "oracle") -> pd.Data
             this classifier; the healthy-twin oracle is the ceiling of any method comparing two reconstructions.
 
     Returns:
-        One row per method (``method``, ``n``, ``mean``, ``mean_detected``, ``mean_missed``), then the row
-        ``ceiling: Dice 1 where detected`` (the share of detected scans) and, when ``reference`` was scored on
-        every scan, ``ceiling: <reference> where detected``. ``n`` counts the scans the method was scored on.
+        One row per method (``method``, ``n``, ``detected``, ``mean``, ``mean_detected``, ``mean_missed``), then
+        the row ``ceiling: Dice 1 where detected`` (the share of detected scans) and, when ``reference`` was scored
+        on every scan, ``ceiling: <reference> where detected``. ``n`` and ``detected`` count the scans the method
+        was scored on (runs of several methods pooled may cover different scans).
     """
     methods = [c for c in table.columns if c not in ("fold", "seriesuid", "nodule_voxels", "max_p_on_nodule",
                                                      "detected", "cohort")]
@@ -301,15 +302,14 @@ def detection_ceiling(table: pd.DataFrame, reference: str = "oracle") -> pd.Data
     for method in methods:
         scored = table[method].notna()
         d = table[method]
-        records.append({"method": method, "n": int(scored.sum()), "mean": float(d[scored].mean()),
-                        "mean_detected": float(d[scored & detected].mean()),
+        records.append({"method": method, "n": int(scored.sum()), "detected": int((scored & detected).sum()),
+                        "mean": float(d[scored].mean()), "mean_detected": float(d[scored & detected].mean()),
                         "mean_missed": float(d[scored & ~detected].mean())})
-    records.append({"method": "ceiling: Dice 1 where detected", "n": len(table), "mean": float(detected.mean()),
-                    "mean_detected": 1.0, "mean_missed": 0.0})
+    records.append({"method": "ceiling: Dice 1 where detected", "n": len(table), "detected": int(detected.sum()),
+                    "mean": float(detected.mean()), "mean_detected": 1.0, "mean_missed": 0.0})
     if reference in table and table[reference].notna().all():
         bound = table[reference].where(detected, 0.0)
-        records.append({"method": f"ceiling: {reference} where detected", "n": len(table), "mean": float(bound.mean()),
+        records.append({"method": f"ceiling: {reference} where detected", "n": len(table),
+                        "detected": int(detected.sum()), "mean": float(bound.mean()),
                         "mean_detected": float(table[reference][detected].mean()), "mean_missed": 0.0})
-    out = pd.DataFrame.from_records(records)
-    out.insert(2, "detected", int(detected.sum()))
-    return out
+    return pd.DataFrame.from_records(records)
