@@ -19,18 +19,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from tfg_core.diagnose import detection_ceiling, detection_table, slice_evidence_rows
-from tfg_core.experiment import load_fold_predictor, open_cohort
+from tfg_core.diagnose import (add_slice_evidence_arguments, detection_ceiling, detection_table,
+                               slice_evidence_of_runs)
 from tfg_core.io import atomic_write_text
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("results", nargs="*", type=Path, help="all_folds_results.csv of tfg demo runs of one cohort")
-    parser.add_argument("--root", type=Path, default=Path("outputs/phantom"), help="the phantom cohort's tree")
-    parser.add_argument("--cohort-seed", type=int, default=0,
-                        help="phantom cohort seed the rows were made on (tfg demo --cohort-seed; 0 = evaluation)")
-    parser.add_argument("--threshold", type=float, default=0.5, help="the guidance's positive threshold")
+    add_slice_evidence_arguments(parser, results_nargs="*")
     parser.add_argument("--out", type=Path, default=None, help="table CSV (default: detection.csv beside the first "
                                                                  "results)")
     parser.add_argument("--tables", nargs="+", type=Path, default=None,
@@ -45,10 +41,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"no such table: {missing[0]}")
         table = pd.concat([pd.read_csv(p) for p in args.tables], ignore_index=True)
     else:
-        rows = pd.concat([pd.read_csv(p) for p in args.results], ignore_index=True)
-        cohort = open_cohort("phantom", args.root, phantom_seed=args.cohort_seed)
-        evidence = slice_evidence_rows(rows, cohort.root, cohort.manifest, cohort.annotations, load_fold_predictor,
-                                       args.threshold)
+        rows, evidence = slice_evidence_of_runs(args.results, args.root, args.cohort_seed, args.threshold)
         table = detection_table(evidence, rows, args.threshold)
         table.insert(0, "cohort", args.cohort_seed)
         out = args.out or args.results[0].with_name("detection.csv")

@@ -20,8 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tfg_core.diagnose import slice_evidence_rows
-from tfg_core.experiment import load_fold_predictor, open_cohort
+from tfg_core.diagnose import add_slice_evidence_arguments, slice_evidence_of_runs
 from tfg_core.io import atomic_write_text
 
 
@@ -52,18 +51,11 @@ def summarise(table: pd.DataFrame) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("results", nargs="+", type=Path, help="all_folds_results.csv of tfg demo runs")
-    parser.add_argument("--root", type=Path, default=Path("outputs/phantom"), help="the phantom cohort's tree")
-    parser.add_argument("--cohort-seed", type=int, default=0,
-                        help="phantom cohort seed the rows were made on (tfg demo --cohort-seed; 0 = evaluation)")
-    parser.add_argument("--threshold", type=float, default=0.5, help="the guidance's positive threshold")
+    add_slice_evidence_arguments(parser)
     parser.add_argument("--out", type=Path, default=None, help="table CSV (default: beside the first results)")
     args = parser.parse_args(argv)
 
-    rows = pd.concat([pd.read_csv(p) for p in args.results], ignore_index=True)
-    cohort = open_cohort("phantom", args.root, phantom_seed=args.cohort_seed)
-    table = slice_evidence_rows(rows, cohort.root, cohort.manifest, cohort.annotations, load_fold_predictor,
-                                args.threshold)
+    _, table = slice_evidence_of_runs(args.results, args.root, args.cohort_seed, args.threshold)
     shown = table[table.positive_slices == 0].drop(columns=["seriesuid"])
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(shown.round(3).to_string(index=False))

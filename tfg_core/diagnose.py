@@ -313,3 +313,42 @@ def detection_ceiling(table: pd.DataFrame, reference: str = "oracle") -> pd.Data
                         "detected": int(detected.sum()), "mean": float(bound.mean()),
                         "mean_detected": float(table[reference][detected].mean()), "mean_missed": 0.0})
     return pd.DataFrame.from_records(records)
+
+
+def add_slice_evidence_arguments(parser, results_nargs: str = "+") -> None:
+    """Declare the arguments of the scripts that read ``tfg demo`` rows of a phantom cohort and ask its fold pairs.
+
+    ``results`` (result CSVs), ``--root`` (the cohort's tree), ``--cohort-seed`` and ``--threshold`` (the guidance's
+    positive threshold), as :func:`slice_evidence_of_runs` takes them.
+
+    Args:
+        parser: an ``argparse.ArgumentParser``.
+        results_nargs: ``nargs`` of the positional result CSVs (``"*"`` when the script has another input mode).
+    """
+    from pathlib import Path
+
+    parser.add_argument("results", nargs=results_nargs, type=Path,
+                        help="all_folds_results.csv of tfg demo runs of one cohort")
+    parser.add_argument("--root", type=Path, default=Path("outputs/phantom"), help="the phantom cohort's tree")
+    parser.add_argument("--cohort-seed", type=int, default=0,
+                        help="phantom cohort seed the rows were made on (tfg demo --cohort-seed; 0 = evaluation)")
+    parser.add_argument("--threshold", type=float, default=0.5, help="the guidance's positive threshold")
+
+
+def slice_evidence_of_runs(results, root: str | os.PathLike, cohort_seed: int = 0,
+                           threshold: float = 0.5) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The result rows of ``tfg demo`` runs on one phantom cohort and :func:`slice_evidence_rows` of their scans.
+
+    Args:
+        results: result CSV paths (concatenated in this order).
+        root: the cohort's LUNA16-shaped tree.
+        cohort_seed: the phantom seed the rows were made on.
+        threshold: the guidance's positive threshold.
+    """
+    from tfg_core.experiment import load_fold_predictor, open_cohort
+
+    rows = pd.concat([pd.read_csv(p) for p in results], ignore_index=True)
+    cohort = open_cohort("phantom", root, phantom_seed=cohort_seed)
+    evidence = slice_evidence_rows(rows, cohort.root, cohort.manifest, cohort.annotations, load_fold_predictor,
+                                   threshold)
+    return rows, evidence
