@@ -6,7 +6,10 @@ Run on one cohort's ``tfg demo`` rows (classifier calls only, about a second a s
 method's mean Dice on all nodule scans, on the detected ones (a slice through the nodule called positive on the
 input, so guidance pushes on it) and on the rest, and two bounds on TFG's mean with this classifier: every detected
 scan at Dice 1, and every detected scan at the oracle's Dice (the healthy twin through the autoencoder), 0 on the
-rest. Several cohorts' tables are pooled with ``--tables a/detection.csv b/detection.csv`` (no classifier call).
+rest. It also joins each scan's nodule signal (``tfg_core.data.phantom_signal``: kinds, size, the nodules' peak
+excess over the healthy twin in units of the case's noise σ) and prints detected and missed scans by kind and size,
+which tells whether the missed ones are lost in the noise or in the anatomy. Several cohorts' tables are pooled with
+``--tables a/detection.csv b/detection.csv`` (no classifier call).
 Rows of several runs of one cohort (e.g. TFG in one, the oracle or IG in another) may be passed together; a scan
 scored by a method twice keeps the row of the file listed last.
 """
@@ -19,7 +22,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from tfg_core.diagnose import (add_slice_evidence_arguments, detection_ceiling, detection_table,
+from tfg_core.data.phantom import read_cohort_config
+from tfg_core.data.phantom_signal import nodule_signal_rows
+from tfg_core.diagnose import (add_slice_evidence_arguments, detection_ceiling, detection_table, misses_by_kind,
                                slice_evidence_of_runs)
 from tfg_core.io import atomic_write_text
 
@@ -44,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         rows, evidence = slice_evidence_of_runs(args.results, args.root, args.cohort_seed, args.threshold)
         table = detection_table(evidence, rows, args.threshold)
         table.insert(0, "cohort", args.cohort_seed)
+        signal = nodule_signal_rows(table.seriesuid, read_cohort_config(args.root))
+        table = table.merge(signal.drop(columns="nodule_voxels"), on="seriesuid", how="left")
         out = args.out or args.results[0].with_name("detection.csv")
         atomic_write_text(out, table.to_csv(index=False))
         print(f"wrote {out}")
@@ -52,6 +59,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(table)} nodule scans, {int(table.detected.sum())} detected (a slice through the nodule called "
               f"positive)")
         print(summary.round(3).to_string(index=False))
+        with_signal = table[table.peak_snr.notna()] if "peak_snr" in table else table.iloc[:0]
+        if len(with_signal):  # tables written before the nodule signal was joined lack it
+            print(f"\nby nodule kind and size, {len(with_signal)} of the scans (peak_snr: the nodules' peak excess "
+                  "over the healthy twin / noise σ, median)")
+            print(misses_by_kind(with_signal).round(2).to_string(index=False))
     return 0
 
 

@@ -281,6 +281,12 @@ def detection_table(evidence: pd.DataFrame, rows: pd.DataFrame, threshold: float
     return table
 
 
+DETECTION_FACT_COLUMNS = ("cohort", "fold", "seriesuid", "nodule_voxels", "max_p_on_nodule", "detected", "kinds",
+                          "kind", "n_nodules", "largest_diameter_mm", "peak_excess_hu", "noise_sigma_hu", "peak_snr")
+"""Columns of a detection table that describe the scan (:func:`detection_table`, the cohort and
+:class:`~tfg_core.data.phantom_signal.NoduleSignal`); every other column is a method's Dice."""
+
+
 def detection_ceiling(table: pd.DataFrame, reference: str = "oracle") -> pd.DataFrame:
     """Each method's mean Dice on all nodule scans, on those the classifier detects and on the rest, and two bounds.
 
@@ -295,8 +301,7 @@ def detection_ceiling(table: pd.DataFrame, reference: str = "oracle") -> pd.Data
         on every scan, ``ceiling: <reference> where detected``. ``n`` and ``detected`` count the scans the method
         was scored on (runs of several methods pooled may cover different scans).
     """
-    methods = [c for c in table.columns if c not in ("fold", "seriesuid", "nodule_voxels", "max_p_on_nodule",
-                                                     "detected", "cohort")]
+    methods = [c for c in table.columns if c not in DETECTION_FACT_COLUMNS]
     detected = table.detected.astype(bool)
     records = []
     for method in methods:
@@ -312,6 +317,39 @@ def detection_ceiling(table: pd.DataFrame, reference: str = "oracle") -> pd.Data
         records.append({"method": f"ceiling: {reference} where detected", "n": len(table),
                         "detected": int(detected.sum()), "mean": float(bound.mean()),
                         "mean_detected": float(table[reference][detected].mean()), "mean_missed": 0.0})
+    return pd.DataFrame.from_records(records)
+
+
+def misses_by_kind(table: pd.DataFrame, small_voxels: int = 6) -> pd.DataFrame:
+    """Detected and missed nodule scans by nodule kind and size, with how far their nodules stand above the noise.
+
+    Tells whether the scans the classifier misses are lost in the noise (a low ``peak_snr``) or in the anatomy (as
+    far above the noise as the detected ones, but of kinds that sit against the chest wall or look like a vessel).
+
+    Args:
+        table: :func:`detection_table` output joined with
+            :func:`~tfg_core.data.phantom_signal.nodule_signal_rows` (``kind``, ``peak_snr``) on ``seriesuid``.
+        small_voxels: a scan is "small" when all its nodules together have at most this many model-grid voxels.
+
+    Returns:
+        One row per (kind, size) present, then an ``all`` row per size: ``kind``, ``size``, ``n``, ``detected``,
+        ``missed``, ``miss_rate`` and the median ``peak_snr`` of the detected and of the missed scans.
+    """
+    missing = {"kind", "peak_snr", "detected", "nodule_voxels"} - set(table.columns)
+    if missing:
+        raise ValueError(f"the detection table lacks {sorted(missing)}: join nodule_signal_rows to it first")
+    sized = table.assign(size=np.where(table.nodule_voxels <= small_voxels, f"<= {small_voxels} voxels",
+                                       f"> {small_voxels} voxels"), detected=table.detected.astype(bool))
+
+    def summary(group: pd.DataFrame) -> dict:
+        found = group.detected
+        return {"n": len(group), "detected": int(found.sum()), "missed": int((~found).sum()),
+                "miss_rate": float((~found).mean()), "peak_snr_detected": float(group.peak_snr[found].median()),
+                "peak_snr_missed": float(group.peak_snr[~found].median())}
+
+    records = [{"kind": kind, "size": size, **summary(group)}
+               for (kind, size), group in sized.groupby(["kind", "size"], sort=True)]
+    records += [{"kind": "all", "size": size, **summary(group)} for size, group in sized.groupby("size", sort=True)]
     return pd.DataFrame.from_records(records)
 
 

@@ -180,6 +180,8 @@ class PhantomCase:
         lung_labels: uint8 seg-lungs labels (3 left, 4 right, 5 trachea/main bronchi).
         vessel_mask: bool, voxels with ≥ 30 % vessel (kept for analysing false positives on vessels).
         nodules: the nodules in label order.
+        noise_sigma_hu: σ of the Gaussian noise added to this case, in HU (drawn per case from
+            ``noise_hu_range``; the healthy twin has the same noise).
     """
 
     index: int
@@ -189,6 +191,7 @@ class PhantomCase:
     lung_labels: np.ndarray
     vessel_mask: np.ndarray
     nodules: list[PhantomNodule] = field(default_factory=list)
+    noise_sigma_hu: float = float("nan")
 
     @property
     def uid(self) -> str:
@@ -369,7 +372,8 @@ def generate_case(index: int, config: PhantomConfig = PhantomConfig()) -> Phanto
     hu = anatomy.hu
     nodule_labels = np.zeros(grid.shape, dtype=np.uint8)
     placed = _place_nodules(nodule_rng, grid, anatomy, hu, nodule_labels, config)
-    hu += noise_rng.normal(0.0, noise_rng.uniform(*config.noise_hu_range), grid.shape).astype(np.float32)
+    noise_sigma = float(noise_rng.uniform(*config.noise_hu_range))  # drawn before the noise, as always
+    hu += noise_rng.normal(0.0, noise_sigma, grid.shape).astype(np.float32)
     array = np.clip(np.rint(hu), *HU_CLIP).astype(np.int16)
 
     # geometry: a LUNA16-like world position of the grid centre; canonical = identity direction
@@ -397,7 +401,8 @@ def generate_case(index: int, config: PhantomConfig = PhantomConfig()) -> Phanto
     volume = Volume(array=array, spacing=tuple(spacing), origin=tuple(origin), direction=direction, uid=uid,
                     source=f"phantom(seed={config.seed}, index={index})", meta={"phantom_index": index})
     return PhantomCase(index=index, subset=index % config.n_subsets, volume=volume, nodule_labels=nodule_labels,
-                       lung_labels=lung_labels, vessel_mask=vessel_mask, nodules=nodules)
+                       lung_labels=lung_labels, vessel_mask=vessel_mask, nodules=nodules,
+                       noise_sigma_hu=noise_sigma)
 
 
 def healthy_twin(index: int, config: PhantomConfig = PhantomConfig()) -> PhantomCase:
