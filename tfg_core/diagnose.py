@@ -29,6 +29,7 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from tfg_core.data.cases import load_case
+from tfg_core.data.phantom_signal import NoduleSignal
 from tfg_core.evaluate import (PreparedCase, difference_maps, evaluation_params, params_hash, prepare,
                                score_on_scan)
 from tfg_core.guidance import GuidanceConfig, slice_logits
@@ -281,8 +282,8 @@ def detection_table(evidence: pd.DataFrame, rows: pd.DataFrame, threshold: float
     return table
 
 
-DETECTION_FACT_COLUMNS = ("cohort", "fold", "seriesuid", "nodule_voxels", "max_p_on_nodule", "detected", "kinds",
-                          "kind", "n_nodules", "largest_diameter_mm", "peak_excess_hu", "noise_sigma_hu", "peak_snr")
+DETECTION_FACT_COLUMNS = ("cohort", "fold", "seriesuid", "nodule_voxels", "max_p_on_nodule", "detected",
+                          *NoduleSignal.__dataclass_fields__)
 """Columns of a detection table that describe the scan (:func:`detection_table`, the cohort and
 :class:`~tfg_core.data.phantom_signal.NoduleSignal`); every other column is a method's Dice."""
 
