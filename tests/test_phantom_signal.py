@@ -101,3 +101,33 @@ def test_detection_script_prints_misses_by_kind_for_tables_with_the_signal(tmp_p
     assert "ground_glass" in printed and "juxta_pleural" in printed
     assert script["main"](["--tables", str(tmp_path / "without.csv")]) == 0  # older tables: the Dice summary only
     assert "by nodule kind" not in capsys.readouterr().out
+
+
+def _census_script() -> dict:
+    return runpy.run_path(str(Path(__file__).resolve().parents[1] / "scripts" / "nodule_size_census.py"))
+
+
+def test_nodule_size_census_counts_each_nodule_scan_and_its_shares():
+    script = _census_script()
+    config = PhantomConfig(n_cases=8, seed=3)
+    rows = script["census_rows"](config)
+    cases = [generate_case(i, config) for i in range(config.n_cases)]
+    with_nodules = [c for c in cases if c.nodules]
+    assert list(rows["index"]) == [c.index for c in with_nodules]
+    assert list(rows.nodule_voxels) == [int((c.nodule_labels > 0).sum()) for c in with_nodules]
+    assert list(rows.n_nodules) == [int(c.nodule_labels.max()) for c in with_nodules]
+
+    made_up = pd.DataFrame({"nodule_voxels": [1, 3, 6, 7, 40], "largest_diameter_mm": [5.5, 6.0, 9.5, 9.6, 20.0]})
+    summary = script["census_summary"](made_up, [2, 6], [9.5])
+    assert summary == {"nodule scans": 5, "≤ 2 voxels (%)": 20.0, "≤ 6 voxels (%)": 60.0,
+                       "largest ≤ 9.5 mm (%)": 60.0, "median voxels": 6.0, "smallest largest-diameter (mm)": 5.5}
+    assert script["census_summary"](made_up.iloc[:0], [2], [9.5]) == {"nodule scans": 0}
+
+
+def test_nodule_size_census_script_compares_grids(capsys):
+    assert _census_script()["main"](["--shapes", "16x32x32", "24x48x48", "--seeds", "0", "--cases", "6"]) == 0
+    out = capsys.readouterr().out
+    assert "16x32x32 (5.00 × 11.00 × 11.00 mm)" in out and "24x48x48 (3.33 × 7.33 × 7.33 mm)" in out
+    assert "≤ 6 voxels (%)" in out
+    with pytest.raises(SystemExit):
+        _census_script()["main"](["--shapes", "32x64"])
