@@ -282,8 +282,9 @@ def detection_table(evidence: pd.DataFrame, rows: pd.DataFrame, threshold: float
     return table
 
 
-DETECTION_FACT_COLUMNS = ("cohort", "fold", "seriesuid", "nodule_voxels", "max_p_on_nodule", "detected",
-                          *NoduleSignal.__dataclass_fields__)
+# dict.fromkeys: the signal's fields repeat seriesuid and nodule_voxels; keep each column once, in order
+DETECTION_FACT_COLUMNS = tuple(dict.fromkeys(("cohort", "fold", "seriesuid", "nodule_voxels", "max_p_on_nodule",
+                                              "detected", *NoduleSignal.__dataclass_fields__)))
 """Columns of a detection table that describe the scan (:func:`detection_table`, the cohort and
 :class:`~tfg_core.data.phantom_signal.NoduleSignal`); every other column is a method's Dice."""
 
