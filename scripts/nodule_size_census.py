@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         table[f"{'x'.join(map(str, shape))} ({spacing} mm)"] = census_summary(rows, args.voxels, args.diameters)
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(f"seeds {' '.join(map(str, args.seeds))}, {args.cases} cases each; share of the nodule scans")
-        print(pd.DataFrame(table, dtype=object).to_string())  # object: counts stay integers
+        # object columns, so the counts print as integers beside the percentages
+        print(pd.DataFrame({grid: pd.Series(summary, dtype=object) for grid, summary in table.items()}).to_string())
     return 0
 
 
