@@ -227,8 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run every fold again (default: a fold that finished in --out with the same parameters, "
                         "methods, predictor and flow is read back, so a killed run resumes)")
     p.add_argument("--methods", nargs="+", default=None, metavar="METHOD", choices=(*ALL_DEMO_METHODS, "all"),
-                   help="methods to run: " + " ".join(ALL_DEMO_METHODS) + " or all (default: all but weakmedsam, "
-                        "whose LiteMedSAM encoder costs seconds per slice on a CPU; tfg and unguided share one run)")
+                   help="methods to run: " + " ".join(ALL_DEMO_METHODS) + " or all (default: all but weakmedsam and "
+                        "scorecam, which cost seconds per slice on a CPU; tfg and unguided share one run)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_demo)
 

@@ -38,8 +38,10 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 # the phantom cohort the demo flow and the pretrained tiny backbone were trained on: never evaluated on
 TRAINING_SEED = 1
 _FIGURE_ORDER = ("tfg", "no_prior", "cam", "gradcam", "scorecam", "ig", "weakmedsam", "unguided", "oracle")
-# WeakMedSAM is opt-in here: LiteMedSAM's encoder takes seconds per 256×256 slice on a CPU (benchmarks/bench_baselines.py)
-DEFAULT_METHODS = ("tfg", "no_prior", "unguided", "cam", "gradcam", "scorecam", "ig", "oracle")
+# WeakMedSAM and Score-CAM are opt-in (``--methods all``), so the README's Run command stays within issue #4's five
+# minutes on a 2-core CPU: LiteMedSAM's encoder takes seconds per 256×256 slice, and Score-CAM one forward pass of the
+# predictor pair per feature channel (128) and slice — a third of a fold's demo with it (benchmarks/bench_baselines.py)
+DEFAULT_METHODS = ("tfg", "no_prior", "unguided", "cam", "gradcam", "ig", "oracle")
 # where the demo's guidance starts: step 24 of 30, not the paper's 15 (GuidanceConfig's default, kept for MAISI-v2).
 # The demo flow's clean estimate half way is blurry enough that vessel cross-sections read as nodules; chosen on two
 # fresh cohorts by a rule written beforehand and confirmed on a third, unseen one (docs/measurement_log.md)
